@@ -1,0 +1,1 @@
+"""Flax modules of latent diffusion: autoencoder, UNet, CLIP text encoder, attention."""

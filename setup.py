@@ -1,0 +1,41 @@
+"""ldm_jax: latent diffusion (Stable Diffusion) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm_jax",
+    version="0.1.0",
+    description="Latent diffusion (Stable Diffusion) in JAX/Flax: models, sampling, training.",
+    packages=find_packages(include=["ldm_jax", "ldm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=0.1.1",
+        "numpy",
+        "safetensors>=0.4",
+        "huggingface_hub",
+        "transformers>=4.40",  # tokenizer only; no torch needed at runtime
+        "pillow",
+        "tqdm",
+        "tensorflow-datasets>=4.9",
+        "grain>=0.2",
+        "array_record",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "torch==2.13.0",
+            "diffusers>=0.40",
+            "accelerate",
+            "nbclient",
+            "ipykernel",
+            "nbformat",
+        ],
+    },
+    entry_points={"console_scripts": ["ldm-jax=ldm_jax.cli:main"]},
+)
