@@ -9,6 +9,9 @@ $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# lpips (the LPIPS reference) without its torchvision dependency: PyPI's torchvision does not
+	# match the local CPU torch; tests give lpips the VGG16 layout it needs.
+	$(PY) -m pip install -q --no-deps lpips==0.1.4
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -42,7 +42,9 @@ def get_config():
         max_position_embeddings=77,
         hidden_act="gelu",
         layer_norm_eps=1e-5,
-        hidden_layer="penultimate",  # SD v2: penultimate layer, then the final LayerNorm
+        # SD v2 conditions on OpenCLIP's penultimate layer + final LayerNorm. The diffusers-format
+        # text encoder ships only the first 23 of OpenCLIP's 24 layers, so its "last" layer is that.
+        hidden_layer="last",
     )
     c.tokenizer = "stabilityai/stable-diffusion-2-1"
     c.scheduler = dict(
