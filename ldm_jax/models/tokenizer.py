@@ -1,0 +1,85 @@
+"""Prompt tokenization for the CLIP text encoder (wraps transformers' ``CLIPTokenizer``)."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["PromptTokenizer"]
+
+_DEFAULT_MAX_LENGTH = 77
+
+
+class PromptTokenizer:
+    """``tokenizer(prompts) -> int32 [B, max_length]``, as diffusers' ``StableDiffusionPipeline``.
+
+    Pads to ``max_length`` (77) with the tokenizer's pad token (``<|endoftext|>`` for SD v1, ``!``
+    = id 0 for SD v2) and truncates longer prompts to ``BOS + (max_length - 2) tokens + EOS`` with a
+    warning naming the number of dropped tokens. ``""`` -> ``[BOS, EOS, pad, ...]``.
+    """
+
+    def __init__(self, tokenizer, max_length: int | None = None):
+        """``tokenizer``: a transformers ``CLIPTokenizer``; ``max_length``: default its ``model_max_length``."""
+        if max_length is None:
+            max_length = getattr(tokenizer, "model_max_length", None)
+            # transformers uses a huge sentinel when the folder does not set model_max_length.
+            if not isinstance(max_length, int) or max_length > 100_000:
+                max_length = _DEFAULT_MAX_LENGTH
+        if max_length < 2:
+            raise ValueError(f"PromptTokenizer: max_length must be >= 2 (BOS and EOS), got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
+                        max_length: int | None = None, **kwargs) -> "PromptTokenizer":
+        """Load a ``CLIPTokenizer`` from a folder or hub id (e.g. an SD repo with ``subfolder="tokenizer"``)."""
+        from transformers import CLIPTokenizer
+
+        if subfolder is not None:
+            kwargs["subfolder"] = subfolder
+        return cls(CLIPTokenizer.from_pretrained(os.fspath(path_or_id), **kwargs), max_length=max_length)
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """``prompts``: one string or a sequence of strings -> ``int32 [B, max_length]`` token ids."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"PromptTokenizer expects a string or a list of strings, got "
+                             f"{[type(p).__name__ for p in prompts]}")
+        if not prompts:
+            return np.zeros((0, self.max_length), np.int32)
+        full = self.tokenizer(prompts, padding=False, truncation=False).input_ids
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                             truncation=True).input_ids
+        for i, (f, t) in enumerate(zip(full, ids)):
+            dropped = len(f) - self.max_length
+            if dropped > 0:
+                removed = self.tokenizer.decode(f[self.max_length - 1:-1], skip_special_tokens=True)
+                warnings.warn(f"prompt {i} is {len(f)} tokens long (BOS and EOS included); CLIP takes "
+                              f"{self.max_length}, so {dropped} token(s) were dropped: {removed!r}",
+                              stacklevel=2)
+        out = np.asarray(ids, dtype=np.int32)
+        if out.shape != (len(prompts), self.max_length):
+            raise ValueError(f"PromptTokenizer: tokenizer returned shape {out.shape}, expected "
+                             f"{(len(prompts), self.max_length)}")
+        return out
