@@ -1,0 +1,276 @@
+"""Random-access image-caption sources: local folder, webdataset ``.tar`` shards, tfds by name.
+
+Every source has ``len(source)`` and ``source[i] -> {"image": encoded bytes or uint8 [H,W,3] or
+None (unreadable), "caption": str, ...}``, the ``grain`` random-access protocol. Decoding happens
+later in the pipeline, where a corrupt image is skipped and counted instead of crashing.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import tarfile
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "TarShardSource", "TfdsSource", "shapes_source"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_FILE_KEYS = ("file_name", "file", "image", "path", "filename")
+_TEXT_KEYS = ("text", "caption", "captions", "prompt")
+
+
+def _first_key(row: dict, keys: Sequence[str], what: str, where: str) -> Any:
+    for k in keys:
+        if k in row:
+            return row[k]
+    raise ValueError(f"{where}: no {what} column (expected one of {list(keys)}), got {sorted(row)}")
+
+
+def _as_caption(value: Any) -> str:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        value = value[0] if len(value) else ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return "" if value is None else str(value)
+
+
+class FolderSource:
+    """Images under ``root`` (recursive) with captions.
+
+    Captions come from ``captions_file`` if given, else from ``root/{captions,metadata}.{jsonl,csv}``
+    (columns ``file_name``/``file``/``image`` and ``text``/``caption``, paths relative to ``root``),
+    else from a ``.txt`` file with the image's stem next to each image (missing -> ``""``, which the
+    pipeline skips and counts).
+    """
+
+    def __init__(self, root: str | os.PathLike, captions_file: str | os.PathLike | None = None):
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise ValueError(f"FolderSource: {self.root!r} is not a directory")
+        if captions_file is None:
+            for name in ("captions.jsonl", "metadata.jsonl", "captions.csv", "metadata.csv"):
+                if os.path.exists(os.path.join(self.root, name)):
+                    captions_file = os.path.join(self.root, name)
+                    break
+        if captions_file is not None:
+            self.items = self._read_captions_file(os.fspath(captions_file))
+        else:
+            self.items = []
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                dirnames.sort()
+                for f in sorted(filenames):
+                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                        path = os.path.join(dirpath, f)
+                        txt = os.path.splitext(path)[0] + ".txt"
+                        caption = ""
+                        if os.path.exists(txt):
+                            with open(txt, encoding="utf-8", errors="replace") as fh:
+                                caption = fh.read().strip()
+                        self.items.append((path, caption))
+        if not self.items:
+            raise ValueError(f"FolderSource: no images found under {self.root!r}")
+
+    def _read_captions_file(self, path: str) -> list[tuple[str, str]]:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        elif path.endswith(".csv"):
+            with open(path, encoding="utf-8", newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            raise ValueError(f"FolderSource: captions file must be .jsonl or .csv, got {path!r}")
+        return [(os.path.join(self.root, _first_key(r, _FILE_KEYS, "file", path)),
+                 _as_caption(_first_key(r, _TEXT_KEYS, "caption", path))) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, caption = self.items[index]
+        try:
+            with open(path, "rb") as fh:
+                image = fh.read()
+        except OSError:
+            image = None
+        return {"image": image, "caption": caption}
+
+    def __repr__(self) -> str:
+        return f"FolderSource({self.root!r}, {len(self)} examples)"
+
+
+class TarShardSource:
+    """Webdataset-style uncompressed ``.tar`` shards: members ``<key>.<ext>`` grouped by key.
+
+    An example is a key with an image member (``jpg``/``jpeg``/``png``/``webp``) and a caption from
+    ``txt`` (or ``json`` with ``caption``/``text``; missing -> ``""``). Members are read by offset,
+    so access is random and shards are indexed once at construction.
+    """
+
+    _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike]):
+        if isinstance(shards, (str, os.PathLike)):
+            shards = sorted(glob.glob(os.fspath(shards))) or [os.fspath(shards)]
+        self.shards = [os.fspath(s) for s in shards]
+        self.items: list[tuple[int, tuple[int, int] | None, tuple[str, int, int] | None]] = []
+        for si, path in enumerate(self.shards):
+            if not os.path.exists(path):
+                raise ValueError(f"TarShardSource: shard {path!r} does not exist")
+            try:
+                tar = tarfile.open(path, mode="r:")  # uncompressed only: members must be seekable
+            except tarfile.ReadError as e:
+                raise ValueError(f"TarShardSource: {path!r} is not an uncompressed tar file ({e})") from e
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            with tar:
+                for m in tar.getmembers():
+                    if not m.isfile():
+                        continue
+                    dirname, base = os.path.split(m.name)
+                    if "." not in base:
+                        continue
+                    stem, ext = base.split(".", 1)
+                    groups.setdefault(os.path.join(dirname, stem), {})[ext.lower()] = m
+            for key in sorted(groups):
+                g = groups[key]
+                img = next((g[e] for e in self._IMAGE_EXTS if e in g), None)
+                if img is None:
+                    continue
+                cap = next(((e, g[e]) for e in ("txt", "caption", "json") if e in g), None)
+                cap_ref = None if cap is None else (cap[0], cap[1].offset_data, cap[1].size)
+                self.items.append((si, (img.offset_data, img.size), cap_ref))
+        if not self.items:
+            raise ValueError(f"TarShardSource: no image members found in {self.shards}")
+        self._fds: dict[int, int] = {}
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return os.pread(fd, size, offset)  # thread-safe: no shared file position
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        shard, (off, size), cap = self.items[index]
+        caption = ""
+        if cap is not None:
+            ext, coff, csize = cap
+            raw = self._read(shard, coff, csize).decode("utf-8", errors="replace")
+            if ext == "json":
+                try:
+                    caption = _as_caption(_first_key(json.loads(raw), _TEXT_KEYS, "caption", "json member"))
+                except (ValueError, TypeError):
+                    caption = ""
+            else:
+                caption = raw.strip()
+        return {"image": self._read(shard, off, size), "caption": caption}
+
+    def __getstate__(self):  # file descriptors do not survive pickling (grain worker processes)
+        state = dict(self.__dict__)
+        state["_fds"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return f"TarShardSource({len(self.shards)} shards, {len(self)} examples)"
+
+
+class TfdsSource:
+    """Any prepared tfds dataset with an image and a text feature, read with ``tfds.data_source``.
+
+    ``name`` may include a config (``"coco_captions/2017"``). ``image_key``/``caption_key`` default
+    to the first ``Image``/``Text`` feature; nested keys use ``/`` (``"captions/text"``; a list of
+    captions gives its first). The dataset must have been prepared with
+    ``file_format="array_record"`` (no TensorFlow needed to read it). ``extra_keys`` are passed
+    through as numpy values (e.g. the shapes labels).
+    """
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                 image_key: str | None = None, caption_key: str | None = None,
+                 extra_keys: Sequence[str] = ()):
+        import tensorflow_datasets as tfds
+
+        if name.split("/")[0] == "shapes_captions":
+            import ldm_jax.data.shapes_captions  # noqa: F401  (registers the builder)
+        builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
+        features = builder.info.features
+        flat = _flat_features(features)
+        if image_key is None:
+            image_key = next((k for k, f in flat.items() if isinstance(f, tfds.features.Image)), None)
+        if caption_key is None:
+            caption_key = next((k for k, f in flat.items() if isinstance(f, tfds.features.Text)), None)
+        if image_key is None or caption_key is None:
+            raise ValueError(f"TfdsSource: {name!r} needs an Image and a Text feature; features are "
+                             f"{ {k: type(f).__name__ for k, f in flat.items()} }")
+        for k in (image_key, caption_key, *extra_keys):
+            if k not in flat:
+                raise ValueError(f"TfdsSource: {name!r} has no feature {k!r}; features are {sorted(flat)}")
+        decoders = _nested({image_key: tfds.decode.SkipDecoding()})
+        try:
+            self.source = builder.as_data_source(split=split, decoders=decoders)
+        except Exception as e:  # e.g. prepared as TFRecord only
+            raise ValueError(f"TfdsSource: cannot open {name!r} split {split!r} as a data source "
+                             f"(prepare it with file_format='array_record'): {e}") from e
+        self.name, self.split = name, split
+        self.image_key, self.caption_key, self.extra_keys = image_key, caption_key, tuple(extra_keys)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.source[index]
+        out = {"image": _get(rec, self.image_key), "caption": _as_caption(_get(rec, self.caption_key))}
+        for k in self.extra_keys:
+            out[k] = np.asarray(_get(rec, k))
+        return out
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} examples)"
+
+
+def shapes_source(data_dir: str | os.PathLike, split: str = "train", image_size: int = 64,
+                 num_train: int = 2000, num_validation: int = 200, num_heldout: int = 200,
+                 seed: int = 0, with_labels: bool = False) -> TfdsSource:
+    """The built-in ``shapes_captions`` dataset (built on first use) as a ``TfdsSource``."""
+    from ldm_jax.data.shapes_captions import build_shapes_captions
+
+    builder = build_shapes_captions(data_dir, image_size, num_train, num_validation, num_heldout, seed)
+    extra = ("num_shapes", "background", "shape", "color", "size", "position", "center", "radius")
+    return TfdsSource(f"shapes_captions/{builder.builder_config.name}", split=split, data_dir=data_dir,
+                      image_key="image", caption_key="caption", extra_keys=extra if with_labels else ())
+
+
+def _flat_features(features, prefix: str = "") -> dict:
+    import tensorflow_datasets as tfds
+
+    out = {}
+    items = features.items() if hasattr(features, "items") else []
+    for k, f in items:
+        key = f"{prefix}{k}"
+        if isinstance(f, tfds.features.Sequence) and hasattr(f.feature, "items"):
+            out.update(_flat_features(f.feature, key + "/"))
+        elif isinstance(f, tfds.features.FeaturesDict):
+            out.update(_flat_features(f, key + "/"))
+        else:
+            out[key] = f.feature if isinstance(f, tfds.features.Sequence) else f
+    return out
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        d = out
+        parts = k.split("/")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = v
+    return out
+
+
+def _get(rec, key: str):
+    for p in key.split("/"):
+        rec = rec[p]
+    return rec
