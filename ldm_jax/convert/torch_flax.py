@@ -60,6 +60,8 @@ def torch_key_to_flax_path(key: str, leaf: str | None = None) -> tuple[str, ...]
 
 
 _INDEXED = re.compile(r"^(.*\D)_(\d+)$")
+# PyTorch attribute names that themselves end in ``_<digit>`` (not list indices), kept whole.
+_LITERAL_NAMES = frozenset({"linear_1", "linear_2"})  # diffusers TimestepEmbedding
 
 
 def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
@@ -69,7 +71,7 @@ def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
         if i == len(path) - 1:
             parts.append("weight" if name in _WEIGHT_LEAVES else name)
             continue
-        m = _INDEXED.match(name)
+        m = None if name in _LITERAL_NAMES else _INDEXED.match(name)
         parts.extend([m.group(1), m.group(2)] if m else [name])
     return ".".join(parts)
 

@@ -1,0 +1,67 @@
+"""The implementations of dot_product_attention agree with each other and with numpy."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.models.attention import IMPLEMENTATIONS, causal_mask, dot_product_attention
+
+
+def _naive(q, k, v, mask=None):
+    """float64 numpy softmax attention on [B, L, H, D]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = np.where(np.asarray(mask), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def _inputs(seed=0, b=2, lq=37, lk=11, h=3, d=8):
+    rng = np.random.RandomState(seed)
+    q = rng.randn(b, lq, h, d).astype(np.float32)
+    k = rng.randn(b, lk, h, d).astype(np.float32)
+    v = rng.randn(b, lk, h, d).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("upcast", [False, True])
+def test_matches_numpy(impl, upcast):
+    q, k, v = _inputs()
+    # chunk 8 does not divide the 37 queries: exercises the padded last chunk.
+    got = dot_product_attention(q, k, v, impl=impl, upcast=upcast, chunk_size=8)
+    assert got.shape == q.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), _naive(q, k, v), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_masks(impl):
+    q, k, v = _inputs(seed=1, lq=13, lk=13)
+    causal = causal_mask(13)  # [1, 1, L, L]
+    got = dot_product_attention(q, k, v, mask=causal, impl=impl, chunk_size=5)
+    np.testing.assert_allclose(np.asarray(got), _naive(q, k, v, causal), atol=1e-5, rtol=0)
+    # a per-example key padding mask [B, 1, 1, Lk]
+    keep = np.ones((2, 1, 1, 13), bool)
+    keep[0, ..., 9:] = False
+    got = dot_product_attention(q, k, v, mask=jnp.asarray(keep), impl=impl, chunk_size=5)
+    np.testing.assert_allclose(np.asarray(got), _naive(q, k, v, keep), atol=1e-5, rtol=0)
+
+
+def test_implementations_agree_bf16_with_upcast():
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(seed=2, lq=40, lk=40, d=16))
+    outs = {
+        impl: np.asarray(dot_product_attention(q, k, v, impl=impl, upcast=True, chunk_size=16), np.float32)
+        for impl in IMPLEMENTATIONS
+    }
+    for impl, out in outs.items():
+        assert out.dtype == np.float32 and np.isfinite(out).all()
+        np.testing.assert_allclose(out, outs["xla"], atol=2e-2, rtol=0, err_msg=impl)
+    want = _naive(*(np.asarray(a, np.float32) for a in (q, k, v)))
+    np.testing.assert_allclose(outs["xla"], want, atol=2e-2, rtol=0)
+
+
+def test_unknown_impl():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        dot_product_attention(q, k, v, impl="flash")
