@@ -1,4 +1,21 @@
 """Weights in and out: PyTorch <-> Flax key mapping, diffusers folders, original SD checkpoints."""
+from ldm_jax.convert.checkpoint_io import load_state_dict, save_state_dict
+from ldm_jax.convert.diffusers_folder import LoadedModel, export_diffusers, load_pipeline_weights, load_single_file
+from ldm_jax.convert.original import detect_model, diffusers_to_original, infer_configs, original_to_diffusers
 from ldm_jax.convert.torch_flax import WeightsError, flax_to_torch, torch_to_flax
 
-__all__ = ["WeightsError", "flax_to_torch", "torch_to_flax"]
+__all__ = [
+    "LoadedModel",
+    "WeightsError",
+    "detect_model",
+    "diffusers_to_original",
+    "export_diffusers",
+    "flax_to_torch",
+    "infer_configs",
+    "load_pipeline_weights",
+    "load_single_file",
+    "load_state_dict",
+    "original_to_diffusers",
+    "save_state_dict",
+    "torch_to_flax",
+]
