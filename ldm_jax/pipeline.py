@@ -1,0 +1,475 @@
+"""Stable Diffusion sampling: text-to-image, img2img (SDEdit) and inpainting in one jitted loop.
+
+>>> pipe = StableDiffusionPipeline.from_pretrained("path/or/hub-id", dtype=jnp.bfloat16)
+>>> images = pipe("a red circle on a blue background", num_inference_steps=25, seed=0)
+
+The whole denoising loop (classifier-free guidance as one [uncond, cond] batch, the sampler step,
+inpainting blending) is one ``lax.fori_loop`` under ``jax.jit``. Guidance scale, guidance rescale,
+seed, prompts and img2img strength are traced values: changing them never recompiles. Image size,
+batch size, sampler and step count compile once per value, and the persistent compilation cache
+makes a second process reuse those compilations. Batches are sharded over the ``data`` axis of a
+mesh of all devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax.diffusion.samplers import Sampler, get_sampler_from_config, sampler_class
+from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
+from ldm_jax.models.clip_text import clip_text_from_config
+from ldm_jax.models.tokenizer import PromptTokenizer
+from ldm_jax.models.unet import unet_from_config
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "xla")
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str:
+    """Turn on JAX's persistent compilation cache (``$LDM_JAX_CACHE`` or ~/.cache/ldm_jax/xla).
+
+    Leaves an already configured cache directory alone. Returns the directory in use.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current and cache_dir is None:
+        return current
+    cache_dir = cache_dir or os.environ.get("LDM_JAX_CACHE", DEFAULT_CACHE_DIR)
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return cache_dir
+
+
+# ----------------------------------------------------------------------------- images in and out
+
+
+def _as_float_image(image: Any, what: str) -> np.ndarray:
+    """PIL image / uint8 or float array ``[H,W,C]`` or ``[B,H,W,C]`` -> float32 ``[B,H,W,C]`` in [0, 1]."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        image = np.asarray(image)
+    if isinstance(image, (list, tuple)):
+        return np.concatenate([_as_float_image(im, what) for im in image])
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ValueError(f"{what}: expected an image [H,W,C] or batch [B,H,W,C], got shape {arr.shape}")
+    return arr
+
+
+def preprocess_image(image: Any, height: int, width: int) -> np.ndarray:
+    """An RGB image (PIL, uint8 or [0,1] float, HWC) -> float32 ``[B, height, width, 3]`` in [-1, 1].
+
+    Images of another size are resized with Lanczos, as diffusers' ``VaeImageProcessor``.
+    """
+    arr = _as_float_image(image, "image")
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.shape[-1] != 3:
+        raise ValueError(f"image: expected 3 (RGB) channels, got {arr.shape[-1]}")
+    if arr.shape[1:3] != (height, width):
+        from PIL import Image
+
+        arr = np.stack([
+            np.asarray(Image.fromarray(np.round(a * 255).astype(np.uint8)).resize((width, height), Image.LANCZOS),
+                       np.float32) / 255.0
+            for a in arr
+        ])
+    return arr * 2.0 - 1.0
+
+
+def preprocess_mask(mask: Any, height: int, width: int) -> np.ndarray:
+    """A mask (white/1 = repaint) -> binary float32 ``[B, height, width, 1]`` (threshold 0.5).
+
+    The mask must already be ``height x width``: a silently resized mask repaints the wrong pixels.
+    """
+    arr = _as_float_image(mask, "mask")
+    if arr.shape[-1] in (3, 4):
+        arr = arr[..., :3].mean(-1, keepdims=True) if arr.shape[-1] == 3 else arr[..., :1]
+    if arr.shape[1:3] != (height, width):
+        raise ValueError(f"mask is {arr.shape[2]}x{arr.shape[1]} (WxH) but the image is {width}x{height}")
+    return (arr >= 0.5).astype(np.float32)
+
+
+def to_pil(images: np.ndarray) -> list:
+    """Float ``[B,H,W,3]`` in [0, 1] -> list of PIL images (rounded as diffusers' ``numpy_to_pil``)."""
+    from PIL import Image
+
+    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in np.asarray(images)]
+
+
+def make_grid(images: Sequence, cols: int | None = None):
+    """Paste PIL images into one grid image (``cols`` defaults to a near-square layout)."""
+    from PIL import Image
+
+    n = len(images)
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(path_or_id: str, *, allow_pickle: bool = False):
+    """Any loadable model -> ``LoadedModel(config, params, tokenizer_path)``.
+
+    A single checkpoint file (original SD layout), a diffusers folder or a hub id.
+    """
+    from ldm_jax.convert.diffusers_folder import load_pipeline_weights, load_single_file
+
+    path = os.fspath(path_or_id)
+    if os.path.isfile(path):
+        return load_single_file(path, allow_pickle=allow_pickle)
+    if os.path.isdir(path) or os.path.isabs(path) or path.startswith("."):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder {path!r} does not exist")
+        return load_pipeline_weights(path, allow_pickle=allow_pickle)
+    return load_pipeline_weights(path, allow_pickle=allow_pickle)  # hub id
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopKey:
+    """What a compiled denoising loop depends on statically."""
+
+    sampler: str
+    steps: int
+    cfg: bool
+    mode: str  # "txt2img" | "inpaint_unet" (9-channel UNet) | "inpaint_blend" (latent blending)
+
+
+class StableDiffusionPipeline:
+    """Text-to-image / img2img / inpainting with a UNet, a KL autoencoder and a CLIP text encoder.
+
+    Args:
+      config: ConfigDict with ``unet``, ``vae``, ``text_encoder``, ``scheduler`` sub-configs
+        (diffusers config.json field names, as ``configs/sd_v1.py``).
+      params: ``{"unet": ..., "vae": ..., "text_encoder": ...}`` Flax parameter trees (each the
+        ``params`` collection, without the ``{"params": ...}`` wrapper).
+      tokenizer: a :class:`PromptTokenizer`.
+      dtype: compute dtype (and parameter dtype for inference), e.g. ``jnp.bfloat16``.
+      mesh: device mesh with a ``data`` axis; default: all devices.
+    """
+
+    def __init__(self, config, params: dict, tokenizer: PromptTokenizer, *, dtype=jnp.float32,
+                 attention_impl: str = "auto", mesh: Mesh | None = None, compilation_cache: bool = True):
+        if compilation_cache:
+            enable_compilation_cache()
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.tokenizer = tokenizer
+        kw = dict(dtype=self.dtype, attention_impl=attention_impl)
+        self.unet = unet_from_config(dict(config.unet), **kw)
+        self.vae = vae_from_config(dict(config.vae), **kw)
+        self.text_encoder = clip_text_from_config(dict(config.text_encoder), **kw)
+        self.scaling_factor = float(dict(config.vae).get("scaling_factor", 0.18215))
+        self.vae_scale = 2 ** (len(tuple(config.vae["block_out_channels"])) - 1)
+        self.latent_channels = int(dict(config.vae).get("latent_channels", 4))
+        self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
+        replicated = NamedSharding(self.mesh, P())
+        cast = lambda x: jnp.asarray(x, self.dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
+        self.params = jax.device_put(jax.tree.map(cast, params), replicated)
+        self._loops: dict[_LoopKey, Callable] = {}
+        self._encode_text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids).context)
+        self._decode = jax.jit(self._decode_latents)
+        self._encode_image = jax.jit(self._encode_pixels, static_argnames=("sample",))
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, *, dtype=jnp.float32, allow_pickle: bool = False, **kwargs):
+        """Load a diffusers folder or hub id, an original single-file checkpoint, or a training workdir."""
+        loaded = load_model(path_or_id, allow_pickle=allow_pickle)
+        tokenizer = PromptTokenizer.from_pretrained(loaded.tokenizer_path or loaded.config.tokenizer)
+        return cls(loaded.config, loaded.params, tokenizer, dtype=dtype, **kwargs)
+
+    # -- building blocks (each jitted once per shape) --------------------------------------
+
+    def _decode_latents(self, vae_params, latents):
+        images = self.vae.apply({"params": vae_params}, latents / self.scaling_factor, method=AutoencoderKL.decode)
+        return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    def _encode_pixels(self, vae_params, images, key, sample: bool):
+        post = self.vae.apply({"params": vae_params}, images.astype(self.dtype), method=AutoencoderKL.encode)
+        z = post.sample(key) if sample else post.mode()
+        return z.astype(jnp.float32) * self.scaling_factor
+
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """Prompts -> text conditioning ``[B, 77, D]`` (the configured CLIP layer)."""
+        ids = self.tokenizer(list(prompts))
+        return self._encode_text(self.params["text_encoder"], self._shard(ids))
+
+    def _shard(self, x):
+        """Shard the batch axis over ``data`` when it divides evenly, else replicate."""
+        n = self.mesh.shape["data"]
+        spec = P("data") if np.shape(x)[0] % n == 0 else P()
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def _loop(self, key: _LoopKey) -> Callable:
+        if key not in self._loops:
+            self._loops[key] = jax.jit(self._make_loop(key))
+        return self._loops[key]
+
+    def _make_loop(self, key: _LoopKey):
+        unet = self.unet
+
+        def run(unet_params, sampler: Sampler, x, context, guidance_scale, guidance_rescale, rng, start, cond):
+            """x: initial latents (noise * init_noise_sigma, or noised image latents) [B,h,w,C] f32.
+            context: [2B, L, D] (uncond rows first) with CFG, else [B, L, D]. cond: inpainting inputs."""
+            b = x.shape[0]
+
+            def model_fn(x_in, t):
+                inp = jnp.concatenate([x_in, x_in]) if key.cfg else x_in
+                if key.mode == "inpaint_unet":
+                    extra = jnp.concatenate([cond["mask"], cond["masked_latents"]], axis=-1)
+                    inp = jnp.concatenate([inp, jnp.concatenate([extra] * (2 if key.cfg else 1))], axis=-1)
+                t_b = jnp.broadcast_to(t, (inp.shape[0],))
+                out = unet.apply({"params": unet_params}, inp.astype(unet.dtype), t_b, context).astype(jnp.float32)
+                if not key.cfg:
+                    return out
+                uncond, text = out[:b], out[b:]
+                guided = uncond + guidance_scale * (text - uncond)
+                # guidance rescale (Lin et al. 2023), a no-op at 0
+                std_text = jnp.std(text, axis=(1, 2, 3), keepdims=True)
+                std_cfg = jnp.std(guided, axis=(1, 2, 3), keepdims=True)
+                rescaled = guided * (std_text / std_cfg)
+                return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+            def body(i, carry):
+                x, state = carry
+                out = model_fn(sampler.scale_model_input(state, x, i), sampler.timesteps[i])
+                noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+                x, state = sampler.step(state, out, x, i, noise if sampler.stochastic else None)
+                if key.mode == "inpaint_blend":
+                    # keep the known region on the noise level of the next step (exact at the end)
+                    nxt = jnp.minimum(i + 1, sampler.num_steps - 1)
+                    known = jnp.where(i + 1 < sampler.num_steps,
+                                      sampler.add_noise(cond["image_latents"], cond["noise"], nxt),
+                                      cond["image_latents"])
+                    x = (1 - cond["latent_mask"]) * known + cond["latent_mask"] * x
+                return x, state
+
+            x, _ = jax.lax.fori_loop(start, sampler.num_steps, body, (x, sampler.init(x)))
+            return x
+
+        return run
+
+    # -- public API ------------------------------------------------------------------------
+
+    def _validate(self, prompts, height, width, steps, sampler, guidance_scale):
+        if not prompts:
+            raise ValueError("prompt list is empty")
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be strings")
+        for name, v in (("height", height), ("width", width)):
+            if int(v) != v or v <= 0 or v % (8 if self.vae_scale <= 8 else self.vae_scale):
+                raise ValueError(f"{name}={v} must be a positive multiple of {max(8, self.vae_scale)}")
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        sampler_class(sampler)  # unknown sampler -> ValueError listing the valid ones
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+
+    def _prepare(self, prompt, negative_prompt, num_images_per_prompt, height, width, steps, sampler,
+                 guidance_scale, sampler_options):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cfg = self.config
+        default = int(cfg.unet["sample_size"]) * self.vae_scale
+        height = default if height is None else height
+        width = default if width is None else width
+        self._validate(prompts, height, width, steps, sampler, guidance_scale)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) not in (1, len(prompts) // num_images_per_prompt):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts) // num_images_per_prompt} prompts")
+            negatives = (negatives * len(prompts))[: len(prompts)] if len(negatives) == 1 else \
+                [n for n in negatives for _ in range(num_images_per_prompt)]
+        use_cfg = guidance_scale > 1.0
+        context = self.encode_prompt(negatives + prompts if use_cfg else prompts)
+        smp = get_sampler_from_config(sampler, dict(cfg.scheduler), int(steps), **(sampler_options or {}))
+        shape = (len(prompts), height // self.vae_scale, width // self.vae_scale, self.latent_channels)
+        return prompts, context, smp, shape, use_cfg
+
+    def _initial_noise(self, latents, shape, rng):
+        if latents is None:
+            return jax.random.normal(rng, shape, jnp.float32)
+        lat = np.asarray(latents, np.float32)
+        if lat.ndim == 4 and lat.shape[-1] != shape[-1] and lat.shape[1] == shape[-1]:
+            lat = lat.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+        if lat.shape != shape:
+            raise ValueError(f"latents have shape {np.shape(latents)}; expected {shape} (NHWC) "
+                             f"or {(shape[0], shape[3], shape[1], shape[2])} (NCHW)")
+        return jnp.asarray(lat)
+
+    def _finish(self, x, output_type):
+        images = np.asarray(self._decode(self.params["vae"], x))
+        if output_type == "np":
+            return images
+        if output_type == "latent":
+            return np.asarray(x)
+        if output_type == "pil":
+            return to_pil(images)
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim",
+                 seed: int = 0, latents: Any = None, num_images_per_prompt: int = 1, output_type: str = "pil",
+                 sampler_options: dict | None = None):
+        """Text-to-image.
+
+        Args:
+          latents: optional initial noise, unit Gaussian, ``[B, h, w, C]`` (NHWC) or ``[B, C, h, w]``
+            (NCHW, as diffusers); it is multiplied by the sampler's ``init_noise_sigma``.
+          sampler: one of ``ldm_jax.diffusion.SAMPLERS`` (or an alias: plms, dpm++).
+          output_type: ``"pil"`` (list of images), ``"np"`` (float ``[B,H,W,3]`` in [0,1]) or ``"latent"``.
+        Returns:
+          Images as selected by ``output_type``.
+        """
+        prompts, context, smp, shape, use_cfg = self._prepare(
+            prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
+            guidance_scale, sampler_options)
+        rng_noise, rng_loop = jax.random.split(jax.random.key(seed))
+        x = self._initial_noise(latents, shape, rng_noise) * smp.init_noise_sigma
+        loop = self._loop(_LoopKey(type(smp).__name__, int(num_inference_steps), use_cfg, "txt2img"))
+        x = loop(self.params["unet"], smp, self._shard(x), context, jnp.float32(guidance_scale),
+                 jnp.float32(guidance_rescale), rng_loop, jnp.int32(0), {})
+        return self._finish(x, output_type)
+
+    def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, *, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim", seed: int = 0,
+                noise: Any = None, num_images_per_prompt: int = 1, output_type: str = "pil",
+                posterior: str = "sample", sampler_options: dict | None = None):
+        """SDEdit: encode ``image``, noise it to ``strength``, denoise the remaining steps.
+
+        ``noise`` optionally fixes the Gaussian noise added to the image latents (NHWC or NCHW);
+        ``posterior`` is ``"sample"`` (as the reference) or ``"mode"`` (deterministic encoding).
+        """
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        height, width = _as_float_image(image, "image").shape[1:3]
+        prompts, context, smp, shape, use_cfg = self._prepare(
+            prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
+            guidance_scale, sampler_options)
+        start = smp.start_index(strength)
+        rng_enc, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 3)
+        image_latents = self._image_latents(image, height, width, len(prompts), rng_enc, posterior)
+        eps = self._initial_noise(noise, shape, rng_noise)
+        x = smp.add_noise(image_latents, eps, start)
+        loop = self._loop(_LoopKey(type(smp).__name__, int(num_inference_steps), use_cfg, "txt2img"))
+        x = loop(self.params["unet"], smp, self._shard(x), context, jnp.float32(guidance_scale),
+                 jnp.float32(guidance_rescale), rng_loop, jnp.int32(start), {})
+        return self._finish(x, output_type)
+
+    def _image_latents(self, image, height, width, batch, rng, posterior):
+        if posterior not in ("sample", "mode"):
+            raise ValueError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
+        pixels = preprocess_image(image, height, width)
+        if batch % pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images for a batch of {batch}")
+        lat = self._encode_image(self.params["vae"], jnp.asarray(pixels), rng, sample=posterior == "sample")
+        return jnp.repeat(lat, batch // pixels.shape[0], axis=0)
+
+    def inpaint(self, prompt, image, mask_image, negative_prompt=None, *, strength: float = 1.0,
+                num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                sampler: str = "ddim", seed: int = 0, latents: Any = None, num_images_per_prompt: int = 1,
+                output_type: str = "pil", posterior: str = "sample", sampler_options: dict | None = None):
+        """Repaint the white (>= 0.5) region of ``mask_image``.
+
+        With a 9-channel inpainting UNet the mask and the masked-image latents are extra UNet inputs;
+        with an ordinary UNet the known region is blended back into the latents after every step.
+        ``latents`` optionally fixes the initial noise (NHWC or NCHW).
+        """
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        height, width = _as_float_image(image, "image").shape[1:3]
+        mask = preprocess_mask(mask_image, height, width)
+        prompts, context, smp, shape, use_cfg = self._prepare(
+            prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
+            guidance_scale, sampler_options)
+        in_channels = int(self.config.unet["in_channels"])
+        mode = "inpaint_unet" if in_channels == 2 * self.latent_channels + 1 else "inpaint_blend"
+        if mode == "inpaint_blend" and in_channels != self.latent_channels:
+            raise ValueError(f"a UNet with {in_channels} input channels cannot inpaint")
+        start = smp.start_index(strength)
+        rng_enc, rng_mask, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 4)
+        b = len(prompts)
+        pixels = preprocess_image(image, height, width)
+        image_latents = self._image_latents(image, height, width, b, rng_enc, posterior)
+        s = self.vae_scale
+        latent_mask = jnp.repeat(jnp.asarray(mask[:, ::s, ::s]), b // mask.shape[0], axis=0)  # torch "nearest"
+        eps = self._initial_noise(latents, shape, rng_noise)
+        x = eps * smp.init_noise_sigma if strength == 1.0 else smp.add_noise(image_latents, eps, start)
+        if mode == "inpaint_unet":
+            masked = pixels * (mask < 0.5)
+            masked_latents = self._image_latents(masked, height, width, b, rng_mask, posterior)
+            cond = {"mask": latent_mask, "masked_latents": masked_latents}
+        else:
+            cond = {"image_latents": image_latents, "noise": eps, "latent_mask": latent_mask}
+        cond = jax.tree.map(self._shard, cond)
+        loop = self._loop(_LoopKey(type(smp).__name__, int(num_inference_steps), use_cfg, mode))
+        x = loop(self.params["unet"], smp, self._shard(x), context, jnp.float32(guidance_scale),
+                 jnp.float32(guidance_rescale), rng_loop, jnp.int32(start), cond)
+        return self._finish(x, output_type)
+
+
+def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num_images: int = 1,
+                  height=None, width=None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                  sampler: str = "ddim", seed: int = 0, init_image=None, strength: float = 0.75, mask=None,
+                  dtype: str = "float32", allow_pickle: bool = False) -> list[str]:
+    """What ``ldm-jax sample`` does: load, sample (txt2img / img2img / inpaint), write PNGs and a grid."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    if mask is not None and init_image is None:
+        raise ValueError("--mask needs --init-image (the image to inpaint)")
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle)
+    common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+                  num_images_per_prompt=num_images)
+    os.makedirs(out_dir, exist_ok=True)
+    written, images = [], []
+    for k, p in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
+        if init_image is not None:
+            img = Image.open(init_image).convert("RGB")
+            if mask is not None:
+                out = pipe.inpaint(p, img, Image.open(mask).convert("L"), negative_prompt, seed=seed + k, **common)
+            else:
+                out = pipe.img2img(p, img, strength, negative_prompt, seed=seed + k, **common)
+        else:
+            out = pipe(p, negative_prompt, height=height, width=width, seed=seed + k, **common)
+        for j, im in enumerate(out):
+            path = os.path.join(out_dir, f"{k:03d}_{j:02d}.png")
+            im.save(path)
+            written.append(path)
+        images.extend(out)
+    grid = os.path.join(out_dir, "grid.png")
+    make_grid(images, cols=num_images if len(prompts) > 1 else None).save(grid)
+    return written + [grid]
