@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ldm_jax.convert.loading import load_model
 from ldm_jax.diffusion.samplers import Sampler, get_sampler_from_config, sampler_class
 from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
 from ldm_jax.models.clip_text import clip_text_from_config
@@ -125,26 +126,6 @@ def make_grid(images: Sequence, cols: int | None = None):
     for k, im in enumerate(images):
         grid.paste(im, ((k % cols) * w, (k // cols) * h))
     return grid
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_model(path_or_id: str, *, allow_pickle: bool = False):
-    """Any loadable model -> ``LoadedModel(config, params, tokenizer_path)``.
-
-    A single checkpoint file (original SD layout), a diffusers folder or a hub id.
-    """
-    from ldm_jax.convert.diffusers_folder import load_pipeline_weights, load_single_file
-
-    path = os.fspath(path_or_id)
-    if os.path.isfile(path):
-        return load_single_file(path, allow_pickle=allow_pickle)
-    if os.path.isdir(path) or os.path.isabs(path) or path.startswith("."):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model folder {path!r} does not exist")
-        return load_pipeline_weights(path, allow_pickle=allow_pickle)
-    return load_pipeline_weights(path, allow_pickle=allow_pickle)  # hub id
 
 
 # ----------------------------------------------------------------------------- the pipeline
