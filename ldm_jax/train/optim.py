@@ -1,0 +1,45 @@
+"""Optimizer (AdamW + linear warm-up + global-norm clipping) and the LDM EMA."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["learning_rate_schedule", "make_optimizer", "ema_decay", "ema_update"]
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` optimizer updates, then constant (SD)."""
+    if lr < 0 or warmup_steps < 0:
+        raise ValueError(f"lr ({lr}) and warmup_steps ({warmup_steps}) must be >= 0")
+    if warmup_steps == 0:
+        return optax.constant_schedule(lr)
+    return optax.linear_schedule(0.0, lr, warmup_steps)
+
+
+def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, weight_decay: float = 1e-2, grad_clip_norm: float | None = 1.0
+                   ) -> optax.GradientTransformation:
+    """``clip_by_global_norm(grad_clip_norm)`` then AdamW with :func:`learning_rate_schedule`.
+
+    The schedule follows the optimizer's own update count, so skipped (non-finite) steps do not
+    advance the warm-up.
+    """
+    chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    chain.append(optax.adamw(learning_rate_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps,
+                             weight_decay=weight_decay))
+    return optax.chain(*chain)
+
+
+def ema_decay(num_updates: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
+    """LDM: ``min(decay, (1 + n) / (10 + n))`` with ``n`` the number of updates so far (1 on the first)."""
+    n = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if warmup else jnp.asarray(decay, jnp.float32)
+
+
+def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
+    """``ema <- decay * ema + (1 - decay) * params`` (LDM's ``ema -= (1 - decay) * (ema - params)``)."""
+    return jax.tree.map(lambda e, p: e - (1.0 - decay).astype(e.dtype) * (e - p.astype(e.dtype)),
+                        ema_params, params)
