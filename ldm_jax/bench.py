@@ -130,6 +130,9 @@ def _set_compilation_cache(path: str | None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     cc.reset_cache()
+    # Drop in-memory executables too: otherwise programs compiled earlier in this process are
+    # reused without being written to the new cache dir, and "cold" compile times are not cold.
+    jax.clear_caches()
     return old
 
 
