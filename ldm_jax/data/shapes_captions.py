@@ -106,6 +106,8 @@ def build_shapes_captions(data_dir: str | os.PathLike, image_size: int = 64, num
     Files go to ``data_dir/shapes_captions/<config name>/1.0.0/`` as ArrayRecord.
     """
     cfg = shapes_config(image_size, num_train, num_validation, num_heldout, seed)
+    if cfg.name in {c.name for c in ShapesCaptions.BUILDER_CONFIGS}:
+        cfg = cfg.name  # tfds refuses a new config object named like a predefined one
     builder = ShapesCaptions(data_dir=os.fspath(data_dir), config=cfg, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
