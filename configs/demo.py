@@ -1,0 +1,24 @@
+"""The end-to-end CPU demo (`make demo`): shapes_captions -> tiny autoencoder -> tiny text-conditioned
+latent diffusion -> samples per guidance scale -> report. Sized for a 2-core machine."""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(image_size=32, num_train=2000, num_validation=200, num_heldout=200, seed=0)
+    c.autoencoder = dict(steps=300, batch_size=16, lr=1e-3)
+    c.diffusion = dict(steps=800, batch_size=16, lr=1e-3, warmup_steps=100, text_dropout=0.1)
+    c.sample = dict(steps=25, sampler="ddim", guidance_scales=(1.0, 3.0, 7.5), num_prompts=8)
+    c.unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+                  layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                  cross_attention_dim=64, norm_num_groups=16, flip_sin_to_cos=True, freq_shift=0)
+    c.vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                 layers_per_block=1, norm_num_groups=16, sample_size=32, scaling_factor=1.0)
+    c.text_encoder = dict(vocab_size=864, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                          bos_token_id=862, eos_token_id=863, pad_token_id=863, hidden_layer="last")
+    c.scheduler = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, prediction_type="epsilon", steps_offset=1)
+    return c
