@@ -12,6 +12,8 @@ $(STAMP): setup.py
 	# lpips (the LPIPS reference) without its torchvision dependency: PyPI's torchvision does not
 	# match the local CPU torch; tests give lpips the VGG16 layout it needs.
 	$(PY) -m pip install -q --no-deps lpips==0.1.4
+	# pytorch-fid (the FID reference) + torchvision's pure-Python models, kept off sys.path (tests/reference_pkgs.py).
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/reference_pkgs torchvision==0.28.0 pytorch-fid==0.3.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,1 @@
+"""Evaluation metrics for generated images (FID with pytorch-fid's InceptionV3, ...)."""
