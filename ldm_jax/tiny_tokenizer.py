@@ -72,10 +72,10 @@ def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _build() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _build(words: list[str] = _WORDS, num_merges: int = NUM_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
-    merges = _learn_merges(_WORDS, NUM_MERGES)
+    merges = _learn_merges(words, num_merges)
     vocab_list += ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     if len(set(vocab_list)) != len(vocab_list):
@@ -89,20 +89,25 @@ BOS_TOKEN_ID = _VOCAB["<|startoftext|>"]
 EOS_TOKEN_ID = _VOCAB["<|endoftext|>"]
 
 
-def write_tiny_clip_tokenizer(dirpath, pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> str:
+def write_tiny_clip_tokenizer(dirpath, pad_token: str = "<|endoftext|>", model_max_length: int = 77,
+                              words: list[str] | None = None) -> str:
     """Write ``vocab.json``, ``merges.txt``, ``special_tokens_map.json``, ``tokenizer_config.json``.
 
     ``pad_token="<|endoftext|>"`` is SD v1's tokenizer; ``pad_token="!"`` (id 0) is SD v2's.
+    ``words``: learn merges from this word list until every word is one token (a word-level vocab,
+    e.g. the demo's caption words; ``len(vocab.json)`` is then the text encoder's ``vocab_size``);
+    default: the fixed ``VOCAB_SIZE`` vocab.
     Returns ``dirpath`` as a string; ``CLIPTokenizer.from_pretrained(dirpath)`` then works offline.
     """
-    if pad_token not in _VOCAB:
+    vocab, merges = (_VOCAB, _MERGES) if words is None else _build(sorted(set(words)), 10 ** 6)
+    if pad_token not in vocab:
         raise ValueError(f"pad_token {pad_token!r} is not in the tiny CLIP vocab")
     dirpath = os.fspath(dirpath)
     os.makedirs(dirpath, exist_ok=True)
     with open(os.path.join(dirpath, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(_VOCAB, f, ensure_ascii=False)
+        json.dump(vocab, f, ensure_ascii=False)
     with open(os.path.join(dirpath, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES))
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     special = {
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",

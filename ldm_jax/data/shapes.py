@@ -127,7 +127,7 @@ def render(image_size: int, shapes, colors, centers, radii, background: int) -> 
     return np.asarray(img)
 
 
-def make_example(seed: int, split: str, index: int, image_size: int = 64) -> dict:
+def make_example(seed: int, split: str, index: int, image_size: int = 64, max_shapes: int = 2) -> dict:
     """One scene, a pure function of its arguments.
 
     Returns ``image`` uint8 [S,S,3], ``caption`` str and labels, each length-2 (slot 1 is -1 / 0
@@ -139,8 +139,10 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64) -> dic
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 16 <= image_size <= 1024:
         raise ValueError(f"image_size must be in [16, 1024], got {image_size}")
+    if max_shapes not in (1, 2):
+        raise ValueError(f"max_shapes must be 1 or 2, got {max_shapes}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    n = int(rng.integers(1, 3))
+    n = int(rng.integers(1, max_shapes + 1))
     positions = rng.choice(len(POSITIONS), size=n, replace=False)
     shapes, colors, sizes = [], [], []
     for k in range(n):
