@@ -2,8 +2,11 @@
 
 Each function returns a JSON-able dict. ``bench_sample`` times our jitted pipeline and diffusers'
 PyTorch ``StableDiffusionPipeline`` on the same random SD-shaped model folder (same initial latents,
-prompts, steps, guidance, sampler), so the ``speedup`` is a ratio measured on one machine in one
-run. torch/diffusers are bench-only dependencies: imported lazily; when missing the peer is skipped
+prompts, steps, guidance, sampler), each side in its own process, alternating for several rounds,
+both pinned to the same CPUs and thread count, so the ``speedup`` is a ratio measured on one
+machine in one run; the JSON records the load average and the CPU share other processes took
+meanwhile, so a measurement on a busy machine shows as such. torch/diffusers are bench-only
+dependencies: imported lazily; when missing the peer is skipped
 and the JSON says why.
 
 CLI overrides (``--config.KEY=VALUE``) set keyword arguments of the bench function, e.g.
@@ -119,64 +122,34 @@ def _resolve_model(config: str | None, variant: str, cache_dir: str | None) -> t
     return folder, variant
 
 
-def _set_compilation_cache(path: str | None) -> str | None:
-    """Point JAX's persistent compilation cache at ``path`` (re-initialising it); returns the old dir."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", path)
-    if path:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    cc.reset_cache()
-    # Drop in-memory executables too: otherwise programs compiled earlier in this process are
-    # reused without being written to the new cache dir, and "cold" compile times are not cold.
-    jax.clear_caches()
-    return old
+def _cpu_set(threads: int | None) -> tuple[list[int], int]:
+    """The CPUs both sides are pinned to (the first ``threads`` of ours) and their count."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no pinning, thread counts only
+        allowed = list(range(os.cpu_count() or 1))
+    n = len(allowed) if threads is None else int(threads)
+    if not 1 <= n <= len(allowed):
+        raise ValueError(f"threads={threads}: this process may use {len(allowed)} CPU(s)")
+    return allowed[:n], n
 
 
-# Child process for the warm-cache figure: same model, same call, the cache dir of the first run.
-_WARM_CHILD = r"""
-import json, sys, time
-args = json.loads(sys.argv[1])
-import jax
-jax.config.update("jax_default_matmul_precision", args["precision"])
-jax.config.update("jax_compilation_cache_dir", args["cache"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-import numpy as np
-import jax.numpy as jnp
-from jax.sharding import Mesh
-from ldm_jax.pipeline import StableDiffusionPipeline
-mesh = Mesh(np.array(jax.devices()[: args["devices"]]), ("data",))
-pipe = StableDiffusionPipeline.from_pretrained(args["folder"], dtype=jnp.dtype(args["dtype"]),
-                                               attention_impl=args["attention_impl"], mesh=mesh)
-latents = np.load(args["latents"])
-t0 = time.perf_counter()
-pipe(args["prompts"], args["negatives"], height=args["height"], width=args["width"],
-     num_inference_steps=args["steps"], guidance_scale=args["guidance_scale"], sampler=args["sampler"],
-     latents=latents, output_type="np")
-first = time.perf_counter() - t0
-print("BENCH_RESULT " + json.dumps({"first_call_s": first}))
-"""
+def _busy_jiffies() -> int | None:
+    """CPU time (clock ticks) all processes of the machine spent so far, from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+        return sum(int(v) for i, v in enumerate(fields[1:9]) if i not in (3, 4))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def _warm_cache_first_call(child_args: dict, timeout: float = 900) -> dict:
-    """Run :data:`_WARM_CHILD` in a fresh interpreter; its first-call seconds and new cache entries."""
-    cache = child_args["cache"]
-    before = len(os.listdir(cache))
-    env = dict(os.environ)
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-c", _WARM_CHILD, json.dumps(child_args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"warm-cache child failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = json.loads(lines[-1][len("BENCH_RESULT "):])
-    out["new_cache_entries"] = len(os.listdir(cache)) - before
-    return out
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 # ----------------------------------------------------------------------------- bench sample
@@ -202,7 +175,8 @@ class _Ours:
         self.devices = jax.devices()[: self.n_dev]
         t0 = time.perf_counter()
         self.pipe = StableDiffusionPipeline.from_pretrained(
-            folder, dtype=jnp.dtype(dtype), attention_impl=attention_impl, mesh=Mesh(np.array(self.devices), ("data",)))
+            folder, dtype=jnp.dtype(dtype), attention_impl=attention_impl, mesh=Mesh(np.array(self.devices), ("data",)),
+            compilation_cache=False)  # the worker set its own cache dir
         self.load_s = time.perf_counter() - t0
 
     def call(self):
@@ -229,31 +203,19 @@ class _Ours:
         run()
         return run
 
-    def warm_cache_first_call(self, xla_cache: str) -> dict:
-        import jax
-
-        fd, lat_path = tempfile.mkstemp(suffix=".npy")
-        os.close(fd)
-        try:
-            np.save(lat_path, self.latents)
-            return _warm_cache_first_call(dict(
-                self.args, precision=str(jax.config.jax_default_matmul_precision or "default"), cache=xla_cache,
-                devices=self.n_dev, latents=lat_path))
-        finally:
-            os.remove(lat_path)
-
 
 class _Peer:
     """diffusers' PyTorch ``StableDiffusionPipeline`` on the same folder, latents, prompts and sampler."""
 
-    def __init__(self, folder, prompts, negatives, latents_nchw, steps, guidance_scale, sampler, height, width):
+    def __init__(self, folder, prompts, negatives, latents_nchw, steps, guidance_scale, sampler, height, width,
+                 threads):
         import diffusers
         import torch
 
         from ldm_jax.diffusion.samplers import ALIASES
 
         self.torch = torch
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(int(threads))
         t0 = time.perf_counter()
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32,
                                                                  safety_checker=None, requires_safety_checker=False)
@@ -289,12 +251,102 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
+def _sample_worker(args: dict) -> dict:
+    """One side of ``bench_sample`` in its own process: load, first call, ``calls`` steady calls."""
+    latents = np.load(args["latents"])
+    common = dict(folder=args["folder"], prompts=args["prompts"], negatives=args["negatives"], latents_nchw=latents,
+                  steps=args["steps"], guidance_scale=args["guidance_scale"], sampler=args["sampler"],
+                  height=args["height"], width=args["width"])
+    out: dict[str, Any] = {"side": args["side"], "pid": os.getpid()}
+    try:
+        out["cpu_affinity"] = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        out["cpu_affinity"] = None
+    if args["side"] == "ours":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", args["precision"])
+        jax.config.update("jax_compilation_cache_dir", args["cache"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        before = len(os.listdir(args["cache"]))
+        run = _Ours(dtype=args["dtype"], attention_impl=args["attention_impl"], **common)
+        first, images = _timed(run.call)
+        out.update(new_cache_entries=len(os.listdir(args["cache"])) - before, device=_device_info(run.devices),
+                   attention_impl=run.pipe.unet.attention_impl, dtype=run.args["dtype"])
+        steady = [_timed(run.call)[0] for _ in range(args["calls"])]
+        loop = run.loop_fn() if args["calls"] else None
+        out["loop_s"] = [_timed(loop)[0] for _ in range(args["calls"])]
+    else:
+        run = _Peer(threads=args["threads"], **common)
+        first, images = _timed(run.call)
+        steady, step_s = [], []
+        for _ in range(args["calls"]):
+            steady.append(_timed(run.call)[0])
+            step_s.append(run.last_step_s())
+        out.update(scheduler=run.scheduler, torch_threads=run.torch.get_num_threads(), step_s=step_s)
+    out.update(load_s=run.load_s, first_call_s=first, steady_calls_s=steady)
+    if args.get("images_out"):
+        np.save(args["images_out"], np.asarray(images, np.float32))
+    return out
+
+
+# Pins the process before anything starts a thread (numpy's BLAS, XLA, torch): threads inherit the mask.
+_WORKER_CODE = ("import json, os, sys; a = json.loads(sys.argv[1]); "
+                "a.get('cpus') and hasattr(os, 'sched_setaffinity') and os.sched_setaffinity(0, a['cpus']); "
+                "from ldm_jax.bench import _worker_main; _worker_main()")
+
+
+def _worker_main() -> None:
+    """Entry point of a worker process (:data:`_WORKER_CODE`) -> one ``BENCH_RESULT {json}`` line."""
+    args = json.loads(sys.argv[1])
+    print("BENCH_RESULT " + json.dumps(_sample_worker(args)), flush=True)
+
+
+def _run_worker(args: dict, threads: int, timeout: float) -> dict:
+    """Run :func:`_sample_worker` in a fresh interpreter; its result plus what the machine did meanwhile."""
+    env = dict(os.environ)
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    load_before = list(os.getloadavg())
+    busy0, cpu0, t0 = _busy_jiffies(), _children_cpu_s(), time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _WORKER_CODE, json.dumps(args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
+    busy1 = _busy_jiffies()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench sample {args['side']} worker failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][len("BENCH_RESULT "):])
+    out.update(process_wall_s=wall, process_cpu_s=cpu, load_avg_before=load_before)
+    if busy0 is not None and busy1 is not None:
+        # CPU seconds that processes other than the worker used meanwhile: > 0 means a shared machine
+        others = max((busy1 - busy0) / os.sysconf("SC_CLK_TCK") - cpu, 0.0)
+        out.update(others_cpu_s=others, others_cpu_frac=others / (wall * (os.cpu_count() or 1)))
+    return out
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
 def bench_sample(config: str | None = None, overrides: Sequence[str] = (), batch: int | None = None,
                  steps: int | None = None, peer: bool = True, variant: str = "small", height: int | None = None,
                  width: int | None = None, guidance_scale: float = 7.5, sampler: str = "ddim", repeats: int = 3,
-                 dtype: str = "float32", attention_impl: str = "auto", warm_cache: bool = True,
-                 cache_dir: str | None = None, seed: int = 0) -> dict:
+                 calls: int = 2, threads: int | None = None, dtype: str = "float32", attention_impl: str = "auto",
+                 warm_cache: bool = True, cache_dir: str | None = None, seed: int = 0,
+                 timeout: float = 1800.0) -> dict:
     """Time text-to-image sampling, ours vs diffusers' PyTorch pipeline, on one model folder.
+
+    Each side runs in its own fresh process, in turn: ours, peer, ours, peer, ... for ``repeats``
+    rounds, so neither side's thread pool competes with the other's and a burst of load from other
+    processes hits both sides alike. Both processes are pinned to the same ``threads`` CPUs
+    (``sched_setaffinity``, which also sizes XLA's CPU thread pool), with
+    ``torch.set_num_threads(threads)`` and ``OMP_NUM_THREADS=threads``. Same latents, prompts,
+    steps, guidance and sampler on both sides.
 
     Args:
       config: a diffusers model folder, or a reference variant name (``ldm_jax.reference.VARIANTS``);
@@ -302,33 +354,42 @@ def bench_sample(config: str | None = None, overrides: Sequence[str] = (), batch
         under ``cache_dir/<variant>`` (default ~/.cache/ldm_jax/bench).
       overrides: ``--config.KEY=VALUE`` strings setting any other keyword argument of this function.
       batch: images per call (default 2); steps: denoising steps (default 25).
-      peer: also run diffusers' PyTorch ``StableDiffusionPipeline`` (same latents, prompts, steps,
-        guidance, sampler; ``torch.set_num_threads(os.cpu_count())``).
-      repeats: steady calls timed; medians are reported.
-      warm_cache: time a first call in a fresh process that reuses this run's compilation cache.
+      peer: also run diffusers' PyTorch ``StableDiffusionPipeline``.
+      repeats: rounds (one process per side each); calls: timed steady calls per process.
+      threads: CPUs (and threads) per side; default all CPUs this process may use.
+      warm_cache: ours' first round compiles into an empty persistent cache (``compile_cold_s``);
+        later rounds reuse it (``compile_warm_cache_s``); with ``repeats=1`` one more untimed ours
+        process measures the warm-cache first call.
 
     Returns:
       JSON-able dict. Seconds throughout: ``ours``/``peer`` each with ``first_call_s``,
-      ``s_per_call``, ``s_per_image`` (median end to end incl. text encoding and VAE decoding),
-      ``s_per_step`` (the denoising loop alone, one CFG step = 2 UNet rows per image); ours with
-      ``compile_cold_s`` (first call minus a steady call, empty persistent cache) and
-      ``compile_warm_cache_s`` (same in a new process with the warm cache); ``speedup`` =
-      peer s/image / ours s/image; ``images_mean_abs_diff`` between the two outputs (same work check).
+      ``s_per_call``, ``s_per_image`` (medians over all ``repeats * calls`` steady calls, end to end
+      incl. text encoding and VAE decoding; every sample in ``steady_calls_s``), ``s_per_step`` (the
+      denoising loop alone, one CFG step = 2 UNet rows per image); ours with ``compile_cold_s`` and
+      ``compile_warm_cache_s``; ``speedup`` = peer s/image / ours s/image (and per round in
+      ``speedup_per_round``); ``images_mean_abs_diff`` (same-work check); ``threads``,
+      ``cpu_affinity``; ``load_avg`` at ``start``/``end`` (1, 5, 15 min) and, per worker process in
+      ``rounds``, ``others_cpu_frac``: the share of the machine's CPU time other processes used while
+      it ran (``machine_busy`` is set when that or the start load average is high: a loaded
+      measurement).
     """
     opts = dict(variant=variant, height=height, width=width, guidance_scale=guidance_scale, sampler=sampler,
-                repeats=repeats, dtype=dtype, attention_impl=attention_impl, warm_cache=warm_cache,
-                cache_dir=cache_dir, seed=seed, batch=batch, steps=steps)
+                repeats=repeats, calls=calls, threads=threads, dtype=dtype, attention_impl=attention_impl,
+                warm_cache=warm_cache, cache_dir=cache_dir, seed=seed, batch=batch, steps=steps, timeout=timeout)
     opts.update(_parse_overrides(overrides, list(opts)))
     batch = 2 if opts["batch"] is None else int(opts["batch"])
     steps = 25 if opts["steps"] is None else int(opts["steps"])
-    if batch < 1 or steps < 1 or int(opts["repeats"]) < 1:
-        raise ValueError(f"batch ({batch}), steps ({steps}) and repeats ({opts['repeats']}) must be >= 1")
+    repeats, calls = int(opts["repeats"]), int(opts["calls"])
+    if batch < 1 or steps < 1 or repeats < 1 or calls < 1:
+        raise ValueError(f"batch ({batch}), steps ({steps}), repeats ({repeats}) and calls ({calls}) must be >= 1")
     from ldm_jax.diffusion.samplers import ALIASES, sampler_class
 
     sampler_class(opts["sampler"])  # unknown sampler -> ValueError before any work
     if ALIASES.get(opts["sampler"], opts["sampler"]) not in _PEER_SCHEDULERS:
         raise ValueError(f"no diffusers peer scheduler for sampler {opts['sampler']!r}")
+    cpus, n_threads = _cpu_set(opts["threads"])
 
+    load_start = list(os.getloadavg())
     folder, label = _resolve_model(config, opts["variant"], opts["cache_dir"])
     with open(os.path.join(folder, "unet", "config.json")) as f:
         unet_cfg = json.load(f)
@@ -339,70 +400,98 @@ def bench_sample(config: str | None = None, overrides: Sequence[str] = (), batch
     width = int(opts["width"] or unet_cfg["sample_size"] * vae_scale)
     latents = np.random.default_rng(opts["seed"]).standard_normal(
         (batch, vae_cfg.get("latent_channels", 4), height // vae_scale, width // vae_scale)).astype(np.float32)
-    prompts, negatives = [PROMPT] * batch, [NEGATIVE_PROMPT] * batch
-    common = dict(prompts=prompts, negatives=negatives, latents_nchw=latents, steps=steps,
-                  guidance_scale=float(opts["guidance_scale"]), sampler=opts["sampler"], height=height, width=width,
-                  repeats=int(opts["repeats"]))
+    import jax
 
     result: dict[str, Any] = {
         "bench": "sample", "model": label, "folder": folder, "batch": batch, "steps": steps,
         "height": height, "width": width, "latent_shape_nchw": list(latents.shape),
-        "guidance_scale": common["guidance_scale"], "sampler": opts["sampler"], "repeats": common["repeats"],
+        "guidance_scale": float(opts["guidance_scale"]), "sampler": opts["sampler"], "repeats": repeats,
+        "calls_per_round": calls, "threads": n_threads, "cpu_affinity": cpus, "cpu_count": os.cpu_count(),
+        "isolation": "one process per side per round, alternating ours/peer, pinned to the same CPUs",
         "versions": _versions(),
     }
-    repeats = common.pop("repeats")
     missing = _torch_available() if peer else "disabled (--no-peer)"
+    work = tempfile.mkdtemp(prefix="bench_sample_")
+    # a fresh cache dir: our first process compiles cold, the later ones find its programs
     xla_cache = tempfile.mkdtemp(prefix="xla_", dir=_ensure_dir(os.path.join(opts["cache_dir"] or BENCH_CACHE, "xla")))
-    old_cache = _set_compilation_cache(xla_cache)  # a fresh dir: our first call is a real cold compile
+    lat_path = os.path.join(work, "latents.npy")
+    np.save(lat_path, latents)
+    base = dict(folder=folder, prompts=[PROMPT] * batch, negatives=[NEGATIVE_PROMPT] * batch, latents=lat_path,
+                steps=steps, guidance_scale=result["guidance_scale"], sampler=opts["sampler"], height=height,
+                width=width, dtype=opts["dtype"], attention_impl=opts["attention_impl"], cache=xla_cache,
+                precision=str(jax.config.jax_default_matmul_precision or "default"), threads=n_threads, cpus=cpus)
+    images = {s: os.path.join(work, f"{s}.npy") for s in ("ours", "peer")}
+    rounds: list[dict] = []
     try:
-        ours = _Ours(folder, dtype=opts["dtype"], attention_impl=opts["attention_impl"], **common)
-        first, our_images = _timed(ours.call)
-        loop = ours.loop_fn()
-        # Ours first, then the peer: in one process, torch's OpenMP threads and XLA's thread pool
-        # slow each other down badly when calls alternate (measured: both 3-4x slower).
-        t_ours, t_loop, t_peer, t_peer_step = [], [], [], []
-        for _ in range(repeats):
-            t_ours.append(_timed(ours.call)[0])
-            t_loop.append(_timed(loop)[0])
-        peer_run = _Peer(folder, **common) if missing is None else None
-        if peer_run is not None:
-            peer_first, peer_images = _timed(peer_run.call)
-            for _ in range(repeats):
-                t_peer.append(_timed(peer_run.call)[0])
-                t_peer_step.append(peer_run.last_step_s())
-        steady = statistics.median(t_ours)
-        result["ours"] = {
-            "load_s": ours.load_s, "first_call_s": first, "compile_cold_s": max(first - steady, 0.0),
-            "s_per_call": steady, "s_per_image": steady / batch, "steady_calls_s": t_ours,
-            "loop_s": statistics.median(t_loop), "s_per_step": statistics.median(t_loop) / steps,
-            "attention_impl": ours.pipe.unet.attention_impl, "dtype": ours.args["dtype"],
-        }
-        result["device"] = _device_info(ours.devices)
-        result["xla_cache_dir"] = xla_cache
-        if opts["warm_cache"]:
-            child = ours.warm_cache_first_call(xla_cache)
-            result["ours"].update(first_call_warm_cache_s=child["first_call_s"],
-                                  compile_warm_cache_s=max(child["first_call_s"] - steady, 0.0),
-                                  warm_cache_new_entries=child["new_cache_entries"])
+        for r in range(repeats):
+            entry: dict[str, Any] = {"round": r}
+            for side in ("ours", "peer") if missing is None else ("ours",):
+                args = dict(base, side=side, calls=calls, images_out=images[side] if r == 0 else None)
+                entry[side] = _run_worker(args, n_threads, float(opts["timeout"]))
+            rounds.append(entry)
+        warm = [e["ours"] for e in rounds[1:]]
+        if opts["warm_cache"] and not warm:
+            warm = [_run_worker(dict(base, side="ours", calls=0), n_threads, float(opts["timeout"]))]
+            result["warm_cache_extra_process"] = warm[0]
+        ours_images = np.load(images["ours"])
+        peer_images = np.load(images["peer"]) if missing is None else None
     finally:
-        _set_compilation_cache(old_cache)
-    if peer_run is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    result["load_avg"] = {"start": load_start, "end": list(os.getloadavg())}
+    result["rounds"] = rounds
+    result["xla_cache_dir"] = xla_cache
+
+    first = rounds[0]["ours"]
+    t_ours = [t for e in rounds for t in e["ours"]["steady_calls_s"]]
+    t_loop = [t for e in rounds for t in e["ours"]["loop_s"]]
+    steady = statistics.median(t_ours)
+    result["device"] = first["device"]
+    result["ours"] = {
+        "load_s": first["load_s"], "first_call_s": first["first_call_s"],
+        "compile_cold_s": max(first["first_call_s"] - steady, 0.0),
+        "cold_cache_new_entries": first["new_cache_entries"],
+        "s_per_call": steady, "s_per_image": steady / batch, "steady_calls_s": t_ours,
+        "loop_s": statistics.median(t_loop), "loop_calls_s": t_loop, "s_per_step": statistics.median(t_loop) / steps,
+        "attention_impl": first["attention_impl"], "dtype": first["dtype"], "threads": n_threads,
+    }
+    if warm:
+        warm_first = statistics.median(w["first_call_s"] for w in warm)
+        result["ours"].update(first_call_warm_cache_s=warm_first,
+                              first_calls_warm_cache_s=[w["first_call_s"] for w in warm],
+                              compile_warm_cache_s=max(warm_first - steady, 0.0),
+                              warm_cache_new_entries=max(w["new_cache_entries"] for w in warm))
+    others = [e[s]["others_cpu_frac"] for e in rounds for s in ("ours", "peer")
+              if s in e and e[s].get("others_cpu_frac") is not None]
+    result["others_cpu_frac_max"] = max(others) if others else None
+    busy = [f"load average {load_start[0]:.2f} at start"] if load_start[0] > 0.25 * n_threads else []
+    if others and max(others) > 0.05:
+        busy.append(f"other processes used up to {100 * max(others):.0f}% of the machine's CPU during a worker")
+    result["machine_busy"] = "; ".join(busy) or None
+    if missing is not None:
         result["peer"] = None
         result["peer_skipped"] = missing
         return result
+
+    p0 = rounds[0]["peer"]
+    t_peer = [t for e in rounds for t in e["peer"]["steady_calls_s"]]
     peer_steady = statistics.median(t_peer)
-    steps_s = [t for t in t_peer_step if t is not None]
+    step_s = _median(t for e in rounds for t in e["peer"]["step_s"])
     result["peer"] = {
-        "name": "diffusers.StableDiffusionPipeline (PyTorch)", "scheduler": peer_run.scheduler,
-        "torch_threads": peer_run.torch.get_num_threads(), "load_s": peer_run.load_s, "first_call_s": peer_first,
-        "warmup_s": max(peer_first - peer_steady, 0.0),  # eager: no compile, first-call warm-up only
+        "name": "diffusers.StableDiffusionPipeline (PyTorch)", "scheduler": p0["scheduler"],
+        "torch_threads": p0["torch_threads"], "load_s": p0["load_s"], "first_call_s": p0["first_call_s"],
+        "first_calls_s": [e["peer"]["first_call_s"] for e in rounds],
+        "warmup_s": max(p0["first_call_s"] - peer_steady, 0.0),  # eager: no compile, first-call warm-up only
         "s_per_call": peer_steady, "s_per_image": peer_steady / batch, "steady_calls_s": t_peer,
-        "s_per_step": statistics.median(steps_s) if steps_s else None,
+        "s_per_step": step_s,
     }
     result["speedup"] = result["peer"]["s_per_image"] / result["ours"]["s_per_image"]
-    if steps_s:
-        result["step_speedup"] = result["peer"]["s_per_step"] / result["ours"]["s_per_step"]
-    result["images_mean_abs_diff"] = float(np.mean(np.abs(np.asarray(our_images) - np.asarray(peer_images))))
+    result["speedup_per_round"] = [statistics.median(e["peer"]["steady_calls_s"]) /
+                                   statistics.median(e["ours"]["steady_calls_s"]) for e in rounds]
+    if step_s:
+        result["step_speedup"] = step_s / result["ours"]["s_per_step"]
+    result["images_mean_abs_diff"] = float(np.mean(np.abs(ours_images - peer_images)))
     return result
 
 

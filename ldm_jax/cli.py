@@ -42,6 +42,8 @@ def cmd_sample(args) -> None:
         mask=args.mask,
         dtype=args.dtype,
         allow_pickle=args.allow_pickle,
+        step=args.step,
+        ema=args.ema,
     )
 
 
@@ -62,8 +64,17 @@ def cmd_train_autoencoder(args, overrides) -> None:
 def cmd_convert(args) -> None:
     from ldm_jax.convert import convert_to_diffusers
 
-    out = convert_to_diffusers(args.src, args.out, allow_pickle=args.allow_pickle)
+    out = convert_to_diffusers(args.src, args.out, allow_pickle=args.allow_pickle, step=args.step, ema=args.ema)
     _print_json({"written": out})
+
+
+def cmd_encode_dataset(args) -> None:
+    from ldm_jax.data.latents import encode_dataset_with_model
+
+    meta = encode_dataset_with_model(args.model, args.source, args.out, image_size=args.image_size,
+                                     batch_size=args.batch_size, split=args.split, shard_size=args.shard_size,
+                                     dtype=args.dtype, compute_dtype=args.compute_dtype, overwrite=args.overwrite)
+    _print_json({k: meta[k] for k in ("num_examples", "num_skipped", "files", "features", "image_size")})
 
 
 def cmd_bench(args, overrides) -> None:
@@ -78,6 +89,23 @@ def cmd_demo(args, overrides) -> None:
     from ldm_jax.demo import run_demo
 
     run_demo(out_dir=args.out, config_path=args.config, overrides=overrides, rebuild=args.rebuild)
+
+
+def cmd_eval(args) -> None:
+    from ldm_jax.eval.protocol import run_eval
+
+    metrics = run_eval(args.model, args.captions, args.real_images, args.out, guidance_scales=args.guidance,
+                       num_inference_steps=args.steps, sampler=args.sampler, num=args.num,
+                       inception=args.inception, clip=args.clip, seed=args.seed, batch_size=args.batch_size,
+                       save_images=args.save_images)
+    _print_json(metrics["results"])
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step", type=int, default=None,
+                   help="training workdir: checkpoint step (default: the latest complete one)")
+    p.add_argument("--no-ema", dest="ema", action="store_const", const=False, default=None,
+                   help="training workdir (or single file): the raw UNet weights instead of the EMA ones")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", default=None, help="inpainting: white = repaint (needs --init-image)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt/.bin (runs code!)")
+    _add_checkpoint_args(s)
     s.add_argument("--out", required=True)
 
     for name, help_ in (("train", "train the latent diffusion model"),
@@ -108,10 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--config", required=True, help="configs/X.py[:arg]")
         t.add_argument("--workdir", required=True)
 
-    c = sub.add_parser("convert", help="single-file SD checkpoint (or any loadable model) -> diffusers folder")
+    c = sub.add_parser("convert", help="single-file SD checkpoint, training workdir (any loadable model) "
+                                       "-> diffusers folder")
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--allow-pickle", action="store_true")
+    _add_checkpoint_args(c)
+
+    x = sub.add_parser("encode-dataset", help="cache VAE posterior moments + text-encoder context as ArrayRecord "
+                       "shards (train with --config.data.cached_latents=OUT)")
+    x.add_argument("--model", required=True, help="diffusers folder, hub id, single-file checkpoint or training workdir")
+    x.add_argument("--source", required=True, help="image folder, shards.tar glob, folder:DIR, tar:GLOB, "
+                   "tfds:NAME[@DATA_DIR] or shapes:DATA_DIR")
+    x.add_argument("--out", required=True, help="output folder; rerunning resumes an interrupted run")
+    x.add_argument("--image-size", type=int, default=None, help="default: the VAE's sample_size")
+    x.add_argument("--batch-size", type=int, default=32, help="per host")
+    x.add_argument("--split", default="train", help="tfds/shapes split")
+    x.add_argument("--shard-size", type=int, default=2048, help="examples per shard (the unit of resumption)")
+    x.add_argument("--dtype", default=None, choices=["float32", "float16"], help="stored float dtype (default float32)")
+    x.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="encoders' compute dtype (default float32)")
+    x.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
 
     b = sub.add_parser("bench", help="benchmarks, printed as JSON, with the PyTorch peer in the same run")
     b.add_argument("what", choices=["sample", "train", "data"])
@@ -124,6 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--config", default=None)
     d.add_argument("--rebuild", action="store_true", help="redo every stage instead of reusing outputs")
+    e = sub.add_parser("eval", help="SD protocol: FID and CLIP score over guidance scales; metrics.json + plot")
+    e.add_argument("--model", required=True, help="diffusers folder, hub id, single-file checkpoint or training workdir")
+    e.add_argument("--captions", required=True, help=".txt (one caption per line) or .jsonl ({\"caption\": ...})")
+    e.add_argument("--real-images", required=True, help="folder of reference images (FID)")
+    e.add_argument("--out", required=True)
+    def guidance_list(v: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in v.split(",") if x.strip())
+
+    e.add_argument("--guidance", type=guidance_list, default=(1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0),
+                   help="comma-separated guidance scales")
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--sampler", default="pndm", help="default: PLMS, as the SD paper")
+    e.add_argument("--num", type=int, default=None, help="use the first N captions (default: all)")
+    e.add_argument("--inception", default=None, help="pytorch-fid Inception weights (default: $LDM_JAX_INCEPTION "
+                   "or ~/.cache/ldm_jax/pt_inception-2015-12-05-6726825d.pth)")
+    e.add_argument("--clip", default="openai/clip-vit-large-patch14",
+                   help="CLIPModel folder or hub id for the CLIP score; 'none' to skip")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=8, help="images per generation call")
+    e.add_argument("--save-images", action="store_true", help="also write the samples as PNGs")
     return p
 
 
@@ -140,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "convert": lambda: cmd_convert(args),
         "bench": lambda: cmd_bench(args, overrides),
         "demo": lambda: cmd_demo(args, overrides),
+        "eval": lambda: cmd_eval(args),
+        "encode-dataset": lambda: cmd_encode_dataset(args),
     }
     handlers[args.command]()
     return 0

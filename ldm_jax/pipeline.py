@@ -183,10 +183,23 @@ class StableDiffusionPipeline:
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, *, dtype=jnp.float32, allow_pickle: bool = False, **kwargs):
-        """Load a diffusers folder or hub id, an original single-file checkpoint, or a training workdir."""
-        loaded = load_model(path_or_id, allow_pickle=allow_pickle)
-        tokenizer = PromptTokenizer.from_pretrained(loaded.tokenizer_path or loaded.config.tokenizer)
+    def from_pretrained(cls, path_or_id: str, *, dtype=jnp.float32, allow_pickle: bool = False,
+                        step: int | None = None, ema: bool | None = None,
+                        tokenizer: "str | PromptTokenizer | None" = None, **kwargs):
+        """Load a diffusers folder or hub id, an original single-file checkpoint, or a training workdir.
+
+        ``step``/``ema``: which checkpoint of a training workdir (default: the latest complete one)
+        and whether its EMA UNet weights (default) or the raw ones; see :func:`load_model`.
+        ``tokenizer``: a tokenizer folder / hub id / :class:`PromptTokenizer` replacing the model's
+        own (needed for a workdir trained without ``config.tokenizer``).
+        """
+        loaded = load_model(path_or_id, allow_pickle=allow_pickle, step=step, ema=ema)
+        if not isinstance(tokenizer, PromptTokenizer):
+            source = tokenizer or loaded.tokenizer_path or loaded.config.get("tokenizer")
+            if not source:
+                raise ValueError(f"{path_or_id!r} names no tokenizer (config.tokenizer is empty): pass "
+                                 f"tokenizer=<folder or hub id> to from_pretrained")
+            tokenizer = PromptTokenizer.from_pretrained(source)
         return cls(loaded.config, loaded.params, tokenizer, dtype=dtype, **kwargs)
 
     # -- building blocks (each jitted once per shape) --------------------------------------
@@ -425,8 +438,11 @@ class StableDiffusionPipeline:
 def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num_images: int = 1,
                   height=None, width=None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                   sampler: str = "ddim", seed: int = 0, init_image=None, strength: float = 0.75, mask=None,
-                  dtype: str = "float32", allow_pickle: bool = False) -> list[str]:
-    """What ``ldm-jax sample`` does: load, sample (txt2img / img2img / inpaint), write PNGs and a grid."""
+                  dtype: str = "float32", allow_pickle: bool = False, step: int | None = None,
+                  ema: bool | None = None) -> list[str]:
+    """What ``ldm-jax sample`` does: load, sample (txt2img / img2img / inpaint), write PNGs and a grid.
+
+    ``step``/``ema``: checkpoint and EMA/raw weights when ``model`` is a training workdir."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -435,7 +451,8 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
         raise ValueError("no prompt given")
     if mask is not None and init_image is None:
         raise ValueError("--mask needs --init-image (the image to inpaint)")
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle,
+                                                   step=step, ema=ema)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                   num_images_per_prompt=num_images)
     os.makedirs(out_dir, exist_ok=True)

@@ -4,6 +4,7 @@ from ldm_jax.convert.diffusers_folder import LoadedModel, export_diffusers, load
 from ldm_jax.convert.loading import convert_to_diffusers, load_model
 from ldm_jax.convert.original import detect_model, diffusers_to_original, infer_configs, original_to_diffusers
 from ldm_jax.convert.torch_flax import WeightsError, flax_to_torch, torch_to_flax
+from ldm_jax.convert.workdir import is_training_workdir, load_workdir
 
 __all__ = [
     "LoadedModel",
@@ -15,8 +16,10 @@ __all__ = [
     "export_diffusers",
     "flax_to_torch",
     "infer_configs",
+    "is_training_workdir",
     "load_pipeline_weights",
     "load_single_file",
+    "load_workdir",
     "load_state_dict",
     "original_to_diffusers",
     "save_state_dict",

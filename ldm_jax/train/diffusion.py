@@ -2,9 +2,11 @@
 
 One step (:func:`make_train_step`), all randomness from ``fold_in(state.rng, state.step)``:
 
-  x0      = vae.encode(image).sample() * scaling_factor    (or precomputed ``batch["latents"]``)
+  x0      = vae.encode(image).sample() * scaling_factor    (or precomputed ``batch["latents"]``;
+            cached posterior ``batch["moments"]`` of ``ldm-jax encode-dataset``: a fresh sample)
   ids     = input_ids with each row replaced by the empty prompt with prob. ``text_dropout``
-  context = text_encoder(ids).context                        (frozen)
+  context = text_encoder(ids).context                        (frozen; or cached ``batch["context"]``
+            with the dropped rows replaced by the empty prompt's)
   t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
   loss    = mean_b w_b * mean_{hwc} (unet(x_t, t, context) - target)^2,  target eps or v,
             w_b = 1 or min-SNR (min(snr, gamma) / snr for eps, / (snr + 1) for v)
@@ -209,7 +211,8 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
                     schedule: optax.Schedule) -> Callable:
     """Pure ``train_step(state, batch, frozen) -> (state, metrics)``.
 
-    ``batch``: ``image [B,H,W,3]`` in [-1, 1] (or ``latents [B,h,w,C]``) and ``input_ids [B,77]``.
+    ``batch``: ``image [B,H,W,3]`` in [-1, 1] (or ``latents [B,h,w,C]``, or cached VAE ``moments
+    [B,h,w,2C]``) and ``input_ids [B,77]`` (or cached text-encoder ``context [B,77,D]``).
     ``frozen``: ``{"text": params, "vae": params or None, "empty_ids": int32 [77]}``.
     ``metrics``: scalars ``loss, grad_norm, lr, ema_decay, skipped, skipped_steps, text_dropped``.
     """
@@ -237,15 +240,25 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
         k_drop, k_post, k_t, k_eps = jax.random.split(key, 4)
         if "latents" in batch:
             x0 = batch["latents"].astype(jnp.float32)
+        elif "moments" in batch:  # cached posterior (encode-dataset): the same draw as from "image"
+            from ldm_jax.models.autoencoder import DiagonalGaussian
+
+            x0 = DiagonalGaussian.from_moments(batch["moments"].astype(jnp.float32)).sample(k_post) * scale
         else:
             if vae is None:
                 raise ValueError("batch has no 'latents' and no VAE was given to encode 'image'")
             posterior = vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
             x0 = posterior.sample(k_post).astype(jnp.float32) * scale
         x0 = jax.lax.stop_gradient(x0)
-        context, dropped = encode_conditioning(text_encoder, frozen["text"], k_drop, batch["input_ids"],
-                                               frozen["empty_ids"], rate)
         b = x0.shape[0]
+        if "context" in batch:  # cached conditioning: dropped rows get the empty prompt's
+            dropped = jax.random.bernoulli(k_drop, rate, (b,))  # the draw of text_dropout
+            empty = text_encoder.apply({"params": frozen["text"]}, frozen["empty_ids"][None]).context
+            context = jnp.where(dropped[:, None, None], empty.astype(jnp.float32), batch["context"].astype(jnp.float32))
+            context = jax.lax.stop_gradient(context)
+        else:
+            context, dropped = encode_conditioning(text_encoder, frozen["text"], k_drop, batch["input_ids"],
+                                                   frozen["empty_ids"], rate)
         timesteps = jax.random.randint(k_t, (b,), 0, num_t)
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
         a = abar[timesteps][:, None, None, None]
@@ -439,13 +452,27 @@ def setup(config, mesh: Mesh, models: DiffusionModels | None = None, frozen: dic
 def make_batch_source(config, stage: Stage, rows: tuple[int, int]) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows ``[start, stop)`` of each global batch of ``stage``.
 
-    ``config.data.source``: ``synthetic`` (images) or ``synthetic_latents`` (precomputed-latent
+    ``config.data.cached_latents``: a directory of ``ldm-jax encode-dataset`` (VAE moments and text
+    context, so the frozen encoders do not run; it must have been encoded at ``stage.resolution``).
+    Else ``config.data.source``: ``synthetic`` (images) or ``synthetic_latents`` (precomputed-latent
     stand-in), see :class:`ldm_jax.train.synthetic.SyntheticCaptions`. Iterators must have
     ``get_state()``/``set_state()``.
     """
     from ldm_jax.train.synthetic import SyntheticCaptions
 
     d = config.data
+    if d.get("cached_latents"):
+        from ldm_jax.data.latents import CachedLatentsSource, make_latents_iterator
+
+        cached = CachedLatentsSource(d.cached_latents)
+        if int(cached.metadata["image_size"]) != stage.resolution:
+            raise ValueError(f"data.cached_latents {d.cached_latents!r} was encoded at {cached.metadata['image_size']} "
+                             f"px; this stage trains at {stage.resolution} px")
+        if rows[1] - rows[0] != stage.batch_size // jax.process_count():
+            raise ValueError(f"rows {rows}: cached latents need each process to feed an equal share of the batch")
+        keys = [k for k in ("moments", "context", "input_ids") if k in cached.metadata["features"]]
+        return make_latents_iterator(cached, global_batch_size=stage.batch_size, seed=int(d.get("seed", 0)),
+                                     keys=keys, num_threads=int(d.get("num_threads", 2)))
     source = d.get("source", "synthetic")
     if source in ("synthetic", "synthetic_latents"):
         latents = source == "synthetic_latents"
@@ -475,7 +502,10 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
 
     Multi-host: set ``config.distributed`` (see :func:`ldm_jax.train.sharding.maybe_initialize_distributed`);
     each process feeds its rows of the global batch. SIGTERM saves a checkpoint and returns.
-    Logs TensorBoard scalars to ``workdir/tensorboard`` and shows a progress bar.
+    Logs TensorBoard scalars to ``workdir/tensorboard`` and shows a progress bar. Writes
+    ``workdir/config.json``, the frozen encoders (``workdir/frozen/``) and the tokenizer so that
+    ``load_model(workdir)`` / ``StableDiffusionPipeline.from_pretrained(workdir)`` sample from the
+    checkpoints (:mod:`ldm_jax.convert.workdir`).
 
     Args:
       frozen: pretrained frozen ``{"text": params, "vae": params}``; random when omitted (tests).
@@ -496,6 +526,10 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
     if frozen is None:
         logging.warning("no pretrained frozen encoders given: text encoder/VAE are random (tests only)")
     ts = setup(config, mesh, models, frozen)
+    # config.json, frozen encoders, tokenizer: the workdir becomes a model source (load_model(workdir))
+    from ldm_jax.convert.workdir import write_workdir_model
+
+    write_workdir_model(workdir, config, ts.frozen)
     state = ts.state
     ckpt = ckpt_lib.CheckpointManager(
         os.path.join(workdir, "checkpoints"), save_every=int(t.get("checkpoint_every", 1000)),
@@ -552,9 +586,10 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
                     bar.set_postfix(loss=f"{m['loss']:.4f}", stage=idx, img_s=f"{m['images_per_s']:.1f}")
                     pending, t_log, n_log = [], time.perf_counter(), 0
                 if sample_every and step % sample_every == 0:
-                    shape = batch["latents" if "latents" in batch else "image"].shape[1:]
-                    if "image" in batch:
-                        f = _latent_factor(config)
+                    kind = next(k for k in ("latents", "moments", "image") if k in batch)
+                    shape = batch[kind].shape[1:]
+                    if kind != "latents":
+                        f = _latent_factor(config) if kind == "image" else 1
                         shape = (shape[0] // f, shape[1] // f, config.unet.in_channels)
                     n = min(int(t.get("sample_count", 8)), stages[idx].batch_size)
                     images = sampler(state.ema_params, ts.frozen, jax.random.PRNGKey(int(t.get("seed", 0))),

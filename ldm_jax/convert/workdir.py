@@ -1,0 +1,282 @@
+"""Training workdirs as model sources: what :func:`ldm_jax.train.diffusion.train` writes for sampling,
+and :func:`load_workdir`, which reads it back as a :class:`LoadedModel`.
+
+A workdir (``train(config, workdir, frozen=...)``) holds::
+
+  workdir/config.json                     the resolved training config (rewritten at every start)
+  workdir/frozen/text_encoder.safetensors the frozen CLIP text encoder params (Flax layout, '/' keys)
+  workdir/frozen/vae.safetensors          the frozen VAE params (absent when trained on latents)
+  workdir/tokenizer/                      a copy of ``config.tokenizer`` when that is a local folder
+  workdir/checkpoints/<step>/state|meta   orbax checkpoints (UNet params, EMA params, optimizer, ...)
+
+The frozen encoders are written once, when the workdir is created (a resumed run keeps them):
+whatever the trainer was given, in-memory params included, sampling gets the same weights.
+Loading restores only the UNet (``ema_params`` or ``params``) of one checkpoint, as host numpy
+arrays: no training mesh, no optimizer state, any device count.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.convert.checkpoint_io import load_state_dict, save_state_dict
+from ldm_jax.convert.diffusers_folder import LoadedModel, _make_config, build_configs_and_shapes
+from ldm_jax.convert.torch_flax import WeightsError
+
+__all__ = ["CONFIG_FILE", "FROZEN_DIR", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "is_training_workdir",
+           "checkpoint_steps", "restore_unet_params", "load_workdir", "write_workdir_model"]
+
+CONFIG_FILE = "config.json"
+FROZEN_DIR = "frozen"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+_FROZEN_FILES = {"text": "text_encoder.safetensors", "vae": "vae.safetensors"}
+_FORMAT = {"format": "flax", "writer": "ldm_jax.convert.workdir"}
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+    """A folder with ``checkpoints/`` (or the trainer's ``config.json`` + ``frozen/``), not a diffusers folder."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model_index.json")):
+        return False
+    return os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)) or (
+        os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, FROZEN_DIR)))
+
+
+# ----------------------------------------------------------------------------------------- writing (trainer)
+def _host_tree(tree: Any) -> Any:
+    """Device arrays (possibly sharded over processes) -> numpy; a collective when multi-host."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(get, tree)
+
+
+def _flatten(tree: Mapping) -> dict[str, Any]:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _config_json(config) -> dict:
+    if isinstance(config, ml_collections.ConfigDict):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(dict(config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def write_workdir_model(workdir: str, config, frozen: Mapping[str, Any]) -> None:
+    """What the trainer writes so that the workdir is a model source (see the module docstring).
+
+    ``config.json`` is (re)written at every call; the frozen params (``frozen["text"]``,
+    ``frozen["vae"]``; None entries skipped) and the tokenizer copy only when missing. Every
+    process must call it (gathering params sharded over hosts is a collective); process 0 writes.
+    """
+    multi = jax.process_count() > 1
+    frozen_dir = os.path.join(workdir, FROZEN_DIR)
+    wanted = {k: f for k, f in _FROZEN_FILES.items() if frozen.get(k) is not None}
+    missing = any(not os.path.isfile(os.path.join(frozen_dir, f)) for f in wanted.values())
+    if multi:  # every process takes the same branch (the gather below is a collective)
+        from jax.experimental import multihost_utils
+
+        missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    host = {k: _host_tree(frozen[k]) for k in wanted} if missing else {}
+    if jax.process_index() != 0:
+        return
+    os.makedirs(frozen_dir, exist_ok=True)
+    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), _config_json(config))
+    for key, params in host.items():
+        path = os.path.join(frozen_dir, wanted[key])
+        if not os.path.isfile(path):
+            save_state_dict(_flatten(params), path, metadata=_FORMAT)  # atomic (tmp + rename)
+    tok = config.get("tokenizer") if hasattr(config, "get") else None
+    dst = os.path.join(workdir, TOKENIZER_DIR)
+    if isinstance(tok, str) and os.path.isdir(tok) and not os.path.isdir(dst):
+        shutil.copytree(tok, dst + ".tmp", dirs_exist_ok=True)
+        os.replace(dst + ".tmp", dst)
+
+
+# ----------------------------------------------------------------------------------------- reading
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the complete (finalised) checkpoints in ``workdir/checkpoints``, ascending."""
+    from orbax.checkpoint import path as ocp_path
+
+    ckpt_dir = os.path.join(os.fspath(workdir), CHECKPOINTS_DIR)
+    if not os.path.isdir(ckpt_dir):
+        return []
+    steps = []
+    for step in ocp_path.step.checkpoint_steps(ckpt_dir):
+        if os.path.isdir(os.path.join(ckpt_dir, str(step), "state")):
+            steps.append(int(step))
+    return sorted(steps)
+
+
+class _QuietAbsl:
+    """Orbax warns that the item folder has no ``_CHECKPOINT_METADATA`` (it lives one level up)."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("absl")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, ema: bool = True
+                        ) -> tuple[dict, int]:
+    """``(UNet params as numpy arrays, step)`` from checkpoint ``step`` (default: the latest complete one).
+
+    Only the ``ema_params`` (``ema=True``) or ``params`` subtree is read, onto the host: the mesh
+    the run trained on, its optimizer state and its device count do not matter.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint, or ``step`` is not among them.
+      WeightsError: the checkpoint cannot be read (corrupt, truncated, not a diffusion train state).
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = os.fspath(workdir)
+    steps = checkpoint_steps(workdir)
+    ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
+    if not steps:
+        raise FileNotFoundError(f"training workdir {workdir!r} has no complete checkpoint in {ckpt_dir!r} "
+                                f"(training not started, or stopped before its first save finished)")
+    if step is None:
+        step = steps[-1]
+    elif int(step) not in steps:
+        raise FileNotFoundError(f"training workdir {workdir!r} has no complete checkpoint of step {step}; "
+                                f"complete checkpoints: {steps}")
+    step = int(step)
+    key = "ema_params" if ema else "params"
+    state_dir = os.path.abspath(os.path.join(ckpt_dir, str(step), "state"))
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        with _QuietAbsl():
+            meta = ckptr.metadata(state_dir).item_metadata
+            tree = getattr(meta, "tree", meta)
+            if not isinstance(tree, Mapping):
+                raise ValueError(f"no readable tree metadata in {state_dir!r}")
+            if key not in tree:
+                raise WeightsError(f"checkpoint {state_dir!r} holds no {key!r} (found {sorted(tree)}); "
+                                   f"is it a diffusion train state?")
+            item = {key: tree[key]}
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                      partial_restore=True))
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+        raise WeightsError(f"checkpoint of step {step} in {ckpt_dir!r} cannot be read (corrupt or "
+                           f"truncated?): {type(e).__name__}: {e}") from None
+    finally:
+        ckptr.close()
+    return jax.tree.map(np.asarray, dict(out[key])), step
+
+
+def _read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise WeightsError(f"training workdir {workdir!r} has no {CONFIG_FILE} (written by ldm_jax.train."
+                           f"diffusion.train when a run starts; this workdir predates it or was not "
+                           f"written by that trainer)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path!r} is not valid JSON: {e}") from None
+
+
+def _check_tree(params: Mapping, shapes: Mapping, what: str) -> None:
+    """``params`` must have the keys and shapes of the ``jax.eval_shape`` tree ``shapes``."""
+    got = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    want = {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
+    if got == want:
+        return
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+    detail = "; ".join(s for s in (
+        f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
+        ", ".join(f"{k}: {got[k]} vs config {want[k]}" for k in wrong[:5])) if s)
+    raise WeightsError(f"{what} does not fit the workdir's config.json: {detail}")
+
+
+def _read_frozen(workdir: str, key: str, shapes: Mapping) -> dict:
+    from flax import traverse_util
+
+    path = os.path.join(workdir, FROZEN_DIR, _FROZEN_FILES[key])
+    if not os.path.isfile(path):
+        why = (" (the run trained on precomputed latents, so the trainer had no VAE)" if key == "vae" else "")
+        raise WeightsError(f"training workdir {workdir!r} has no frozen {key} params ({path!r} is missing"
+                           f"{why}); a workdir written by ldm_jax.train.diffusion.train holds them")
+    params = traverse_util.unflatten_dict(load_state_dict(path), sep="/")
+    _check_tree(params, shapes, path)
+    return params
+
+
+def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool = True,
+                 dtype: Any = None) -> LoadedModel:
+    """A training workdir -> :class:`LoadedModel` (UNet of one checkpoint + frozen VAE and text encoder).
+
+    Args:
+      path: the ``workdir`` given to :func:`ldm_jax.train.diffusion.train`.
+      step: checkpoint step (default: the latest complete checkpoint).
+      ema: the EMA UNet weights (default) or the raw trained ones (``False``).
+      dtype: dtype of the returned floating params (default: as stored, float32).
+
+    The config's scheduler carries the trained ``prediction_type`` (``config.train.prediction_type``
+    when set); the tokenizer is ``workdir/tokenizer`` when the trainer copied one, else
+    ``config.tokenizer`` (a hub id, or None: then give the pipeline a tokenizer).
+
+    Raises:
+      FileNotFoundError: no complete checkpoint / no checkpoint of ``step``.
+      WeightsError: no config.json, missing frozen params, unreadable checkpoint, params that do not
+        fit the config.
+    """
+    workdir = os.fspath(path)
+    cfg = _read_config(workdir)
+    for comp in ("unet", "vae", "text_encoder"):
+        if comp not in cfg:
+            raise WeightsError(f"{os.path.join(workdir, CONFIG_FILE)} has no {comp!r} section")
+    configs, shapes = build_configs_and_shapes(
+        {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, os.path.join(workdir, CONFIG_FILE))
+    unet, step = restore_unet_params(workdir, step, ema=ema)
+    _check_tree(unet, shapes["unet"], f"UNet {'EMA ' if ema else ''}params of checkpoint {step} in {workdir!r}")
+    params = {"unet": unet, "vae": _read_frozen(workdir, "vae", shapes["vae"]),
+              "text_encoder": _read_frozen(workdir, "text", shapes["text_encoder"])}
+    if dtype is not None:
+        dt = jnp.dtype(dtype)
+        params = jax.tree.map(lambda x: x.astype(dt) if np.issubdtype(x.dtype, np.floating) else x, params)
+
+    scheduler = cfg.scheduler.to_dict() if "scheduler" in cfg else {}
+    trained = cfg.train.get("prediction_type") if "train" in cfg else None
+    if trained:  # the trainer's override of the scheduler's prediction type
+        scheduler["prediction_type"] = trained
+    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
+    tokenizer_path = tok_dir if os.path.isdir(tok_dir) else None
+    name = f"{os.path.basename(os.path.normpath(workdir))}-step{step}{'' if ema else '-raw'}"
+    config = _make_config(name, configs, scheduler, tokenizer_path or cfg.get("tokenizer"))
+    stages = cfg.get("stages") or []
+    if stages and "latents" not in str(cfg.get("data", {}).get("source", "")):
+        res = int(stages[-1]["resolution"])
+        config.sample.height = config.sample.width = res
+    config.checkpoint = dict(workdir=os.path.abspath(workdir), step=step, ema=bool(ema))
+    return LoadedModel(config, params, tokenizer_path, workdir)
