@@ -6,15 +6,22 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = dict(image_size=32, num_train=2000, num_validation=200, num_heldout=200, seed=0)
-    c.autoencoder = dict(steps=300, batch_size=16, lr=1e-3)
-    c.diffusion = dict(steps=800, batch_size=16, lr=1e-3, warmup_steps=100, text_dropout=0.1)
+    # One shape per scene: the evaluation reads one shape's attributes.
+    c.data = dict(image_size=32, num_train=4000, num_validation=200, num_heldout=200, seed=0, max_shapes=1)
+    # L2 pixel loss: with L1 a short run reconstructs the flat background and drops small shapes.
+    c.autoencoder = dict(steps=1500, batch_size=16, lr=1e-3, pixel_loss="l2")
+    c.diffusion = dict(steps=2000, batch_size=16, lr=1e-3, warmup_steps=100, text_dropout=0.1)
     c.sample = dict(steps=25, sampler="ddim", guidance_scales=(1.0, 3.0, 7.5), num_prompts=8)
+    # Attribute classifier trained on real images reads generated ones; the bar of `make demo`.
+    c.eval = dict(num_prompts=64, batch_size=32, classifier_images=4000, classifier_steps=1500,
+                  target_seen=0.9, target_heldout=0.7)
+    c.word_vocab = True  # one token per caption word (see ldm_jax.demo.caption_words)
+    c.auto_scaling_factor = True  # SD's 1/std of the latents, measured after the autoencoder stage
     c.unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
                   layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
                   cross_attention_dim=64, norm_num_groups=16, flip_sin_to_cos=True, freq_shift=0)
-    c.vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+    c.vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                  layers_per_block=1, norm_num_groups=16, sample_size=32, scaling_factor=1.0)
     c.text_encoder = dict(vocab_size=864, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",

@@ -22,15 +22,16 @@ def _data_iterator(cfg, tokenizer, batch_size, seed, out_dir):
     from ldm_jax.data import make_iterator, shapes_source
 
     d = cfg.data
+    extra = {"max_shapes": d.max_shapes} if d.get("max_shapes", 2) != 2 else {}
     source = shapes_source(os.path.join(out_dir, "data"), "train", image_size=d.image_size,
                            num_train=d.num_train, num_validation=d.num_validation,
-                           num_heldout=d.num_heldout, seed=d.seed)
+                           num_heldout=d.num_heldout, seed=d.seed, **extra)
     return make_iterator(source, global_batch_size=batch_size, image_size=d.image_size, tokenizer=tokenizer,
                          seed=seed, shuffle=True, random_flip=False, num_threads=2)
 
 
 def _train_autoencoder(cfg, tokenizer, out_dir, log):
-    """Short run of the LDM autoencoder objective (L1 + KL; no GAN, no LPIPS at 32 px)."""
+    """Short run of the LDM autoencoder objective (pixel loss + KL; no GAN, no LPIPS at 32 px)."""
     from ml_collections import ConfigDict
 
     from ldm_jax.config_utils import load_config
@@ -48,6 +49,7 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
     ae_cfg = load_config(os.path.join(os.path.dirname(_CONFIG), "tiny_autoencoder.py"))
     ae_cfg.vae = ConfigDict(dict(cfg.vae))
     ae_cfg.loss.perceptual_weight = 0.0
+    ae_cfg.loss.pixel_loss = a.get("pixel_loss", "l1")
     ae_cfg.loss.disc_start = 10 ** 9
     ae_cfg.optim.base_learning_rate = a.lr
     model = AutoencoderKL(**dict(cfg.vae))
@@ -85,6 +87,7 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     tcfg.train.update(dict(lr=d.lr, warmup_steps=d.warmup_steps, sample_every=0, tensorboard=True,
                            checkpoint_every=500, log_every=25))
     tcfg.text_dropout = d.text_dropout
+    tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]
 
     def batches(config, stage, rows):
@@ -112,6 +115,121 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     if history:
         log("diffusion", history[-1])
     return jax.device_get(state.ema_params), _history(out_dir, "diffusion", history)
+
+
+def _examples(cfg, split: str, num: int, start: int = 0) -> list[dict]:
+    """``make_example`` scenes of the demo's dataset (same seed/size/max_shapes as training)."""
+    from ldm_jax.data.shapes import make_example
+
+    d = cfg.data
+    extra = {"max_shapes": d.max_shapes} if d.get("max_shapes", 2) != 2 else {}
+    return [make_example(d.seed, split, start + i, d.image_size, **extra) for i in range(num)]
+
+
+def caption_words(cfg, num: int = 3000) -> list[str]:
+    """Every word the demo's captions use (train and held-out templates), for a word-level vocab.
+
+    With the tiny byte-level BPE most caption words split into several tokens; a frozen random
+    text encoder then hardly separates "red" from "green". One token per word keeps them apart.
+    """
+    import re
+
+    words = set()
+    for split in ("train", "heldout"):
+        for ex in _examples(cfg, split, num):
+            words.update(re.findall(r"[a-z]+", ex["caption"].lower()))
+    return sorted(words)
+
+
+def latent_scale(vae_config, vae_params, images: np.ndarray, batch_size: int = 128) -> float:
+    """SD's ``scaling_factor``: 1 / std of the encoder's posterior means over ``images`` [N,H,W,3] in [-1,1]."""
+    from ldm_jax.models.autoencoder import AutoencoderKL
+
+    model = AutoencoderKL(**dict(vae_config))
+    encode = jax.jit(lambda x: model.apply({"params": vae_params}, x, method=model.encode).mean)
+    means = np.concatenate([np.asarray(encode(jnp.asarray(images[i:i + batch_size])))
+                            for i in range(0, len(images), batch_size)])
+    return float(1.0 / means.std())
+
+
+def evaluate(pipe, classifier, cfg, out_dir: str) -> dict:
+    """Attribute accuracy and classifier-space FID of generated images per split and guidance.
+
+    For each split (``train``: captions the model was trained on; ``heldout``: unseen (shape,
+    colour) pairs) and each guidance scale, one image per caption; the classifier (trained on real
+    images) reads its attributes, compared with the caption's labels. Also writes sample grids.
+    """
+    from ldm_jax.eval.attributes import attribute_accuracy, labels_from_examples
+    from ldm_jax.eval.fid import fid_from_features
+    from ldm_jax.pipeline import make_grid
+
+    e = cfg.eval
+    results: dict = {"attribute_accuracy": {}, "fid_classifier": {}, "prompts": {}}
+    for split in ("train", "heldout"):
+        examples = _examples(cfg, split, e.num_prompts)
+        captions = [ex["caption"] for ex in examples]
+        labels = labels_from_examples(examples)
+        real = np.stack([ex["image"] for ex in examples])
+        real_feats = classifier.features(real)
+        results["prompts"][split] = captions[:cfg.sample.num_prompts]
+        results["attribute_accuracy"][split], results["fid_classifier"][split] = {}, {}
+        for g in cfg.sample.guidance_scales:
+            images = []
+            for i in range(0, len(captions), e.batch_size):
+                out = pipe(captions[i:i + e.batch_size], num_inference_steps=cfg.sample.steps,
+                           guidance_scale=float(g), sampler=cfg.sample.sampler, seed=cfg.seed + i,
+                           height=cfg.data.image_size, width=cfg.data.image_size, output_type="np")
+                images.append(np.round(np.clip(np.asarray(out), 0.0, 1.0) * 255).astype(np.uint8))
+            images = np.concatenate(images)
+            acc = attribute_accuracy(classifier.predict(images), labels)
+            results["attribute_accuracy"][split][str(g)] = {k: float(v) for k, v in acc.items()}
+            results["fid_classifier"][split][str(g)] = float(fid_from_features(classifier.features(images), real_feats))
+            n = cfg.sample.num_prompts
+            make_grid([_pil(im).resize((64, 64)) for im in images[:n]], cols=n).save(
+                os.path.join(out_dir, f"samples_{split}_g{g}.png"))
+        _pil_grid_real(real[:cfg.sample.num_prompts], os.path.join(out_dir, f"real_{split}.png"))
+    acc = results["attribute_accuracy"]
+    high = [str(g) for g in cfg.sample.guidance_scales if g >= 3.0]
+    low = str(min(cfg.sample.guidance_scales))
+    best = {split: max(acc[split][g]["mean"] for g in high) if high else float("nan") for split in acc}
+    results["bar"] = {
+        "seen_mean_accuracy_at_guidance>=3": best["train"],
+        "heldout_mean_accuracy_at_guidance>=3": best["heldout"],
+        "seen_mean_accuracy_at_lowest_guidance": acc["train"][low]["mean"],
+        "targets": {"seen": e.target_seen, "heldout": e.target_heldout},
+        "passed": bool(best["train"] >= e.target_seen and best["heldout"] >= e.target_heldout
+                       and best["train"] > acc["train"][low]["mean"]),
+    }
+    return results
+
+
+def _pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(image)
+
+
+def _pil_grid_real(images: np.ndarray, path: str) -> None:
+    from ldm_jax.pipeline import make_grid
+
+    make_grid([_pil(im).resize((64, 64)) for im in images], cols=len(images)).save(path)
+
+
+def _classifier(cfg, out_dir: str):
+    """The attribute classifier (trained once on real images, then loaded)."""
+    from ldm_jax.eval.attributes import AttributeClassifier, train_attribute_classifier
+
+    path = os.path.join(out_dir, "attribute_classifier")
+    if os.path.exists(path + ".npz") or os.path.isdir(path):
+        try:
+            return AttributeClassifier.load(path)
+        except Exception as err:  # a half-written file from a crash: retrain
+            print(f"[demo] retraining the attribute classifier ({err})")
+    c = cfg.eval
+    clf = train_attribute_classifier(cfg.data.image_size, seed=cfg.seed, num_images=c.classifier_images,
+                                     steps=c.classifier_steps, max_shapes=cfg.data.get("max_shapes", 2))
+    clf.save(path)
+    return clf
 
 
 def _history(out_dir, name, history=None):
@@ -148,12 +266,10 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     """Run every stage, write ``out_dir/metrics.json`` and ``report.html``; returns the metrics."""
     import shutil
 
-    from flax import traverse_util
-
     from ldm_jax.config_utils import load_config
     from ldm_jax.models.clip_text import CLIPTextModel
     from ldm_jax.models.tokenizer import PromptTokenizer
-    from ldm_jax.pipeline import StableDiffusionPipeline, make_grid
+    from ldm_jax.pipeline import StableDiffusionPipeline
     from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
 
     t_start = time.time()
@@ -166,7 +282,10 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     def log(name, metrics):
         print(f"[demo] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
-    tokenizer = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(os.path.join(out_dir, "tokenizer")))
+    tokenizer = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(
+        os.path.join(out_dir, "tokenizer"), words=caption_words(cfg) if cfg.get("word_vocab", True) else None))
+    cfg.text_encoder.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     t = time.time()
     _data_iterator(cfg, tokenizer, 8, 0, out_dir)  # builds the dataset on first use
     stages["data_s"] = time.time() - t
@@ -174,6 +293,10 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     t = time.time()
     vae_params, ae_hist = _train_autoencoder(cfg, tokenizer, out_dir, log)
     stages["autoencoder_s"] = time.time() - t
+    if cfg.get("auto_scaling_factor", True):
+        real = np.stack([ex["image"] for ex in _examples(cfg, "train", min(512, cfg.data.num_train))])
+        cfg.vae.scaling_factor = latent_scale(cfg.vae, vae_params, real.astype(np.float32) / 127.5 - 1.0)
+        print(f"[demo] latent scaling_factor = {cfg.vae.scaling_factor:.4f} (1/std of the latents)")
 
     text_model = CLIPTextModel(**dict(cfg.text_encoder))
     text_params = text_model.init(jax.random.key(cfg.seed + 3), jnp.zeros((1, 77), jnp.int32))["params"]
@@ -181,23 +304,18 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     unet_params, diff_hist = _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log)
     stages["diffusion_s"] = time.time() - t
 
+    t = time.time()
+    classifier = _classifier(cfg, out_dir)
+    stages["classifier_s"] = time.time() - t
+
     pipe = StableDiffusionPipeline(cfg, {"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
                                    tokenizer)
-    from ldm_jax.data.shapes import make_example
-
-    metrics: dict = {"stages": stages, "samples": {}}
+    metrics: dict = {"stages": stages, "scaling_factor": float(cfg.vae.scaling_factor)}
     t = time.time()
-    for split in ("train", "heldout"):
-        prompts = [make_example(cfg.seed, split, i, cfg.data.image_size)["caption"]
-                   for i in range(cfg.sample.num_prompts)]
-        metrics["samples"][split] = prompts
-        for g in cfg.sample.guidance_scales:
-            images = pipe(prompts, num_inference_steps=cfg.sample.steps, guidance_scale=float(g),
-                          sampler=cfg.sample.sampler, seed=cfg.seed, height=cfg.data.image_size,
-                          width=cfg.data.image_size)
-            make_grid([im.resize((64, 64)) for im in images], cols=cfg.sample.num_prompts).save(
-                os.path.join(out_dir, f"samples_{split}_g{g}.png"))
-    stages["sampling_s"] = time.time() - t
+    results = evaluate(pipe, classifier, cfg, out_dir)
+    metrics["samples"] = results.pop("prompts")
+    metrics.update(results)
+    stages["sampling_eval_s"] = time.time() - t
 
     ae_key = next((k for k in ("rec_loss", "nll_loss", "loss") if ae_hist and k in ae_hist[-1]), None)
     plots = [("diffusion", diff_hist, "loss")] + ([("autoencoder", ae_hist, ae_key)] if ae_key else [])
@@ -219,12 +337,26 @@ def _write_report(out_dir, cfg, metrics):
     import html
 
     rows = []
+    acc = metrics.get("attribute_accuracy", {})
+    if acc:
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in next(iter(next(iter(acc.values())).values())))
+        table = [f"<tr><th>split</th><th>guidance</th>{head}<th>FID (classifier)</th></tr>"]
+        for split, per_g in acc.items():
+            for g, vals in per_g.items():
+                cells = "".join(f"<td>{v:.3f}</td>" for v in vals.values())
+                fid = metrics["fid_classifier"][split][g]
+                table.append(f"<tr><td>{split}</td><td>{g}</td>{cells}<td>{fid:.2f}</td></tr>")
+        bar = metrics.get("bar", {})
+        rows.append(f"<h2>Attribute accuracy (bar passed: {bar.get('passed')})</h2><table border=1>"
+                    + "".join(table) + "</table>")
     for split, prompts in metrics["samples"].items():
         rows.append(f"<h2>{split} prompts</h2><ol>" + "".join(f"<li>{html.escape(p)}</li>" for p in prompts) + "</ol>")
+        if os.path.exists(os.path.join(out_dir, f"real_{split}.png")):
+            rows.append(f"<p>real images for these captions</p><img src='real_{split}.png'>")
         for g in cfg.sample.guidance_scales:
             rows.append(f"<p>guidance {g}</p><img src='samples_{split}_g{g}.png'>")
     body = "\n".join(rows)
     stats = html.escape(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
     with open(os.path.join(out_dir, "report.html"), "w") as f:
         f.write(f"<html><head><title>ldm_jax demo</title></head><body><h1>ldm_jax demo</h1>"
-                f"<pre>{stats}</pre><img src='losses.png'>{body}</body></html>")
+                f"{body}<img src='losses.png'><h2>All figures</h2><pre>{stats}</pre></body></html>")

@@ -9,12 +9,20 @@ def test_demo_end_to_end_tiny(tmp_path):
     out = str(tmp_path / "demo")
     overrides = ["--config.autoencoder.steps=20", "--config.diffusion.steps=30", "--config.data.num_train=64",
                  "--config.data.num_validation=16", "--config.data.num_heldout=16", "--config.sample.steps=3",
-                 "--config.sample.num_prompts=2"]
+                 "--config.sample.num_prompts=2", "--config.eval.num_prompts=4", "--config.eval.batch_size=4",
+                 "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5"]
     metrics = run_demo(out, overrides=overrides)
     for name in ("metrics.json", "report.html", "losses.png", "samples_train_g1.0.png", "samples_heldout_g7.5.png"):
         assert os.path.isfile(os.path.join(out, name)), name
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["wall_time_s"] > 0 and set(saved["samples"]) == {"train", "heldout"}
+    for split in ("train", "heldout"):
+        for g in ("1.0", "3.0", "7.5"):
+            acc = saved["attribute_accuracy"][split][g]
+            assert {"color", "shape", "position", "mean", "all"} <= set(acc) and 0.0 <= acc["mean"] <= 1.0
+            assert saved["fid_classifier"][split][g] >= 0.0
+    assert set(saved["bar"]) >= {"passed", "seen_mean_accuracy_at_guidance>=3", "heldout_mean_accuracy_at_guidance>=3"}
+    assert 0.1 < saved["scaling_factor"] < 100
     assert metrics["diffusion_loss_last"] < metrics["diffusion_loss_first"]
     # a second run reuses the trained autoencoder and the diffusion checkpoint
     again = run_demo(out, overrides=overrides)

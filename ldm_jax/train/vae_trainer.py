@@ -235,6 +235,9 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
     last_layer = tuple(lc.get("last_layer", ("decoder", "conv_out", "kernel")))
     pw = float(lc.get("perceptual_weight", 1.0))
     pixel_w = float(lc.get("pixelloss_weight", 1.0))
+    # "l1" is LDM's; "l2" weighs large errors (small objects lost on a flat background) far more,
+    # which a short from-scratch run (the CPU demo) needs to keep small shapes.
+    pixel_loss = {"l1": jnp.abs, "l2": jnp.square}[lc.get("pixel_loss", "l1")]
     reg_w = float(lc.kl_weight if kind == "kl" else lc.get("codebook_weight", 1.0))
     disc_weight = float(lc.get("disc_weight", 0.5))
     disc_factor_cfg = float(lc.get("disc_factor", 1.0))
@@ -242,7 +245,7 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
     d_loss_fn = _D_LOSSES[lc.get("disc_loss", "hinge")]
 
     def nll_fn(rec_img, logvar, x, lpips_params):
-        rec = pixel_w * jnp.abs(x - rec_img)
+        rec = pixel_w * pixel_loss(x - rec_img)
         p_loss = jnp.zeros((x.shape[0],), jnp.float32)
         if pw > 0:
             p_loss = lpips.apply(lpips_params, x, rec_img)
