@@ -59,6 +59,7 @@ def get_config():
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict(dict(min_size=2 ** 14, rules=()))
-    c.data = ml_collections.ConfigDict(dict(source="synthetic", seed=0))
+    # cached_latents: a directory of `ldm-jax encode-dataset` output (used instead of source)
+    c.data = ml_collections.ConfigDict(dict(source="synthetic", seed=0, cached_latents=""))
     c.distributed = ml_collections.ConfigDict(dict(enabled=False))
     return c

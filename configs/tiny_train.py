@@ -25,5 +25,7 @@ def get_config():
                         log_every=10, checkpoint_every=100, keep_every=0, tensorboard=True,
                         sample_every=100, sample_count=4, sample_steps=10))
     c.sharding.min_size = 0  # shard every divisible param, so tiny models exercise FSDP
-    c.data.update(dict(source="synthetic", num_examples=64, num_classes=4))
+    # --config.data.cached_latents=DIR: train on `ldm-jax encode-dataset --image-size 16 --out DIR` output
+    # (VAE moments + text context; the frozen encoders are skipped) instead of data.source.
+    c.data.update(dict(source="synthetic", num_examples=64, num_classes=4, cached_latents=""))
     return c

@@ -1,22 +1,32 @@
 """Cached latents: encode a dataset once (VAE moments + text context), train from ArrayRecord shards.
 
 Each record is a msgpack dict (``flax.serialization``) of one example: the arrays returned by
-``encode_fn`` (e.g. ``moments`` [h,w,2z], ``context`` [77,D]) plus ``caption``. Shards are
-``latents-<host>-<shard>.array_record`` in ``out_dir``, with ``metadata-<host>.json``.
+``encode_fn`` plus ``caption``. With :func:`make_encode_fn` these are ``moments`` float [h,w,2z]
+(posterior mean then logvar, unscaled: training draws ``scaling_factor * sample`` afresh every
+step), ``context`` float [L,D] (the frozen text encoder's conditioning, the config's hidden layer)
+and ``input_ids`` int32 [L].
+
+Layout of ``out_dir`` (per host ``p``): ``latents-<p>-<shard>.array_record`` and, once the host is
+done, ``metadata-<p>.json``. Shards are written under ``out_dir/.partial-<p>/`` and renamed into
+place when complete; ``progress-<p>.json`` records the data position after the last complete shard,
+so an interrupted run resumes there, and readers refuse a directory whose metadata is incomplete.
 """
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
-from typing import Callable, Sequence
+import shutil
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from flax import serialization
 
 from ldm_jax.data import pipeline
 
-__all__ = ["encode_dataset", "CachedLatentsSource", "make_latents_iterator", "sample_latents"]
+__all__ = ["encode_dataset", "make_encode_fn", "ModelEncoder", "encode_dataset_with_model",
+           "CachedLatentsSource", "make_latents_iterator", "sample_latents"]
 
 
 def _writer(path: str):
@@ -25,32 +35,96 @@ def _writer(path: str):
     return ArrayRecordWriter(path, "group_size:1")
 
 
+def _write_json(path: str, obj: Any) -> None:
+    """Atomic: readers see the old file or the new one, never a partial one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
 def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], out_dir: str | os.PathLike,
                    *, image_size: int, batch_size: int = 32, num_shards: int = 1,
-                   dtype: str | None = None, extra_keys: Sequence[str] = (),
+                   shard_size: int | None = None, dtype: str | None = None, extra_keys: Sequence[str] = (),
+                   info: dict | None = None, overwrite: bool = False, progress: bool = False,
                    process_index: int | None = None, process_count: int | None = None,
                    num_threads: int = 4) -> dict:
     """Run ``encode_fn(images float32 [B,S,S,3] in [-1,1], captions) -> {name: [B, ...]}`` over one
     pass of ``source`` (this host's share, in order, centre crop, no flip) and write ArrayRecord shards.
 
-    ``dtype`` (e.g. ``"float16"``) casts floating outputs to save space. Corrupt examples are skipped
-    and counted. Returns the metadata (also written to ``out_dir/metadata-<host>.json``).
+    Shards hold ``shard_size`` examples each (rounded up to a multiple of ``batch_size``; default:
+    the share split into ``num_shards``) and are the unit of resumption: a rerun with the same
+    arguments continues after the last complete shard (``overwrite=True`` starts afresh), and
+    returns at once when this host is done. ``dtype`` (e.g. ``"float16"``) casts floating outputs to
+    save space. ``info`` (JSON-able, e.g. the model) is stored in the metadata and must match on
+    resume. Corrupt examples are skipped and counted. Returns the metadata (also written to
+    ``out_dir/metadata-<host>.json``).
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     process_index, process_count = pipeline._check_hosts(process_index, process_count)
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    share = math.ceil(len(source) / process_count)
+    if shard_size is None:
+        shard_size = math.ceil(math.ceil(share / batch_size) / num_shards) * batch_size
+    shard_size = max(1, math.ceil(shard_size / batch_size)) * batch_size  # batches never straddle shards
+    signature = {"source": repr(source), "image_size": image_size, "batch_size": batch_size,
+                 "shard_size": shard_size, "dtype": dtype, "extra_keys": list(extra_keys),
+                 "process_count": process_count, "info": info or {}}
+    signature = json.loads(json.dumps(signature))  # as it reads back from the JSON files
+    host = f"{process_index:05d}"
+    meta_path = os.path.join(out_dir, f"metadata-{host}.json")
+    progress_path = os.path.join(out_dir, f"progress-{host}.json")
+    partial_dir = os.path.join(out_dir, f".partial-{host}")
+    if overwrite:
+        for p in [meta_path, progress_path, *glob.glob(os.path.join(out_dir, f"latents-{host}-*.array_record"))]:
+            if os.path.exists(p):
+                os.remove(p)
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    done = _read_json(meta_path) if os.path.exists(meta_path) else None
+    resume = _read_json(progress_path) if os.path.exists(progress_path) else None
+    for prev in (done, resume):
+        if prev is not None and prev["signature"] != signature:
+            raise ValueError(f"{out_dir!r} holds host {process_index}'s output of a different encoding "
+                             f"({prev['signature']} != {signature}); use another directory or overwrite=True")
+    if done is not None:
+        return done
+
     ds, skip = pipeline.make_dataset(
         source, global_batch_size=batch_size * process_count, image_size=image_size, shuffle=False,
         num_epochs=1, extra_keys=extra_keys, process_index=process_index, process_count=process_count,
         drop_remainder=False, num_threads=num_threads)
     it = pipeline.DataIterator(ds, skip)
-    paths = [os.path.join(out_dir, f"latents-{process_index:05d}-{s:05d}.array_record") for s in range(num_shards)]
-    writers = [_writer(p) for p in paths]
-    count, shapes = 0, {}
+    files, count, shapes = [], 0, {}
+    if resume is not None:
+        it.set_state(resume["iterator"])
+        files, count, shapes = resume["files"], resume["num_examples"], resume["features"]
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    os.makedirs(partial_dir)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=math.ceil(share / batch_size), initial=count // batch_size, unit="batch",
+               desc=f"encode-dataset (host {process_index})", disable=not progress, dynamic_ncols=True)
+    writer, in_shard = None, 0
+
+    def finish_shard():  # close it, move it into place, record the data position after it
+        writer.close()
+        os.replace(os.path.join(partial_dir, files[-1]), os.path.join(out_dir, files[-1]))
+        _write_json(progress_path, {"signature": signature, "iterator": it.get_state(), "files": files,
+                                    "num_examples": count, "features": shapes})
+
     try:
         for batch in it:
+            if writer is None:
+                files.append(f"latents-{host}-{len(files):05d}.array_record")
+                writer, in_shard = _writer(os.path.join(partial_dir, files[-1])), 0
             captions = [str(c) for c in batch["caption"]]
             out = encode_fn(batch["image"], captions)
             if not isinstance(out, dict) or not out:
@@ -67,30 +141,159 @@ def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], o
                 rec["caption"] = caption
                 for k in extra_keys:
                     rec[k] = np.asarray(batch[k][i])
-                writers[count % num_shards].write(serialization.msgpack_serialize(rec))
-                count += 1
+                writer.write(serialization.msgpack_serialize(rec))
+            count += len(captions)
+            in_shard += len(captions)
+            bar.update(1)
+            if in_shard >= shard_size:
+                finish_shard()
+                writer = None
+        if writer is not None:
+            finish_shard()
+            writer = None
     finally:
-        for w in writers:
-            w.close()
+        bar.close()
+        if writer is not None:  # an error: the partial shard is dropped, the progress file stays
+            writer.close()
+    shutil.rmtree(partial_dir, ignore_errors=True)
     meta = {"num_examples": count, "num_skipped": it.num_skipped, "skip_reasons": it.skip_reasons,
-            "files": [os.path.basename(p) for p in paths], "features": shapes, "image_size": image_size,
-            "source": repr(source), "process_index": process_index, "process_count": process_count}
-    with open(os.path.join(out_dir, f"metadata-{process_index:05d}.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+            "files": files, "features": shapes, "image_size": image_size, "source": repr(source),
+            "process_index": process_index, "process_count": process_count, "info": info or {},
+            "signature": signature}
+    _write_json(meta_path, meta)
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
     return meta
 
 
+class ModelEncoder:
+    """The ``encode_fn`` of :func:`encode_dataset` for a Stable Diffusion model's frozen encoders.
+
+    ``encoder(images float32 [B,S,S,3] in [-1,1], captions) -> {"moments": float32 [B,S/f,S/f,2z],
+    "context": float32 [B,L,D], "input_ids": int32 [B,L]}``: the VAE posterior's mean and (clamped)
+    logvar, and the text encoder's conditioning (``config.text_encoder.hidden_layer``), both jitted;
+    batches are padded to one size (no recompile for the last one) and split over ``devices``.
+    ``info``: what the training side needs to know (``scaling_factor``, ``hidden_layer``, ...).
+    """
+
+    def __init__(self, loaded, *, tokenizer=None, dtype=None, devices: Sequence[Any] | None = None):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
+        from ldm_jax.models.clip_text import clip_text_from_config
+        from ldm_jax.models.tokenizer import PromptTokenizer
+
+        cfg = loaded.config
+        if tokenizer is None:
+            path = loaded.tokenizer_path or cfg.get("tokenizer")
+            if not path:
+                raise ValueError(f"{loaded.source!r} names no tokenizer (config.tokenizer is empty): pass tokenizer=")
+            tokenizer = PromptTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer
+        kw = {} if dtype is None else {"dtype": jnp.dtype(dtype)}
+        vae = vae_from_config(dict(cfg.vae), **kw)
+        text = clip_text_from_config(dict(cfg.text_encoder), **kw)
+        self.mesh = Mesh(np.array(list(devices or jax.local_devices())), ("data",))
+        self._rows = NamedSharding(self.mesh, P("data"))
+        params = {"vae": loaded.params["vae"], "text": loaded.params["text_encoder"]}
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+
+        def moments(p, images):
+            post = vae.apply({"params": p}, images.astype(vae.dtype), method=AutoencoderKL.encode)
+            return jnp.concatenate([post.mean, post.logvar], axis=-1).astype(jnp.float32)
+
+        def context(p, ids):
+            return text.apply({"params": p}, ids).context.astype(jnp.float32)
+
+        self._moments, self._context = jax.jit(moments), jax.jit(context)
+        self._batch = 0  # largest batch so far: smaller ones are padded to it
+        self.info = {"model": loaded.source, "scaling_factor": float(cfg.vae.get("scaling_factor", 0.18215)),
+                     "latent_channels": int(cfg.vae.get("latent_channels", 4)),
+                     "downsample_factor": int(vae.downsample_factor),
+                     "hidden_layer": str(cfg.text_encoder.get("hidden_layer", "last")),
+                     "dtype": str(jnp.dtype(dtype or jnp.float32))}
+
+    def __call__(self, images: np.ndarray, captions: Sequence[str]) -> dict:
+        import jax
+
+        b = len(captions)
+        ids = np.asarray(self.tokenizer(list(captions)), np.int32)
+        n = self.mesh.devices.size
+        self._batch = max(self._batch, -(-b // n) * n)
+
+        def pad(x):
+            return np.concatenate([x, np.repeat(x[-1:], self._batch - b, 0)]) if self._batch > b else x
+
+        m = self._moments(self.params["vae"], jax.device_put(pad(np.asarray(images, np.float32)), self._rows))
+        c = self._context(self.params["text"], jax.device_put(pad(ids), self._rows))
+        return {"moments": np.asarray(m)[:b], "context": np.asarray(c)[:b], "input_ids": ids}
+
+
+def make_encode_fn(model, **kwargs) -> ModelEncoder:
+    """:class:`ModelEncoder` for ``model`` (a :class:`~ldm_jax.convert.LoadedModel` or anything
+    :func:`~ldm_jax.convert.load_model` loads); ``kwargs``: ``tokenizer``, ``dtype``, ``devices``."""
+    if isinstance(model, (str, os.PathLike)):
+        from ldm_jax.convert import load_model
+
+        model = load_model(model)
+    return ModelEncoder(model, **kwargs)
+
+
+def encode_dataset_with_model(model, source, out_dir: str | os.PathLike, *, image_size: int | None = None,
+                              batch_size: int = 32, split: str = "train", shard_size: int | None = 2048,
+                              dtype: str | None = None, compute_dtype: str | None = None,
+                              overwrite: bool = False, progress: bool = True, num_threads: int = 4) -> dict:
+    """What ``ldm-jax encode-dataset`` does: :func:`encode_dataset` with :func:`make_encode_fn`.
+
+    ``model``: model path / hub id / workdir or a ``LoadedModel``; ``source``: a source object or a
+    spec for :func:`~ldm_jax.data.sources.source_from_spec` (with ``split``); ``image_size``:
+    default the VAE's ``sample_size``.
+    """
+    from ldm_jax.convert import load_model
+    from ldm_jax.data.sources import source_from_spec
+
+    loaded = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    enc = ModelEncoder(loaded, dtype=compute_dtype)
+    if isinstance(source, str):
+        source = source_from_spec(source, split=split)
+    if image_size is None:
+        size = loaded.config.vae.get("sample_size")
+        if size is None:
+            raise ValueError("the model's VAE config has no sample_size: pass image_size")
+        image_size = size[0] if isinstance(size, (list, tuple)) else size
+    return encode_dataset(source, enc, out_dir, image_size=int(image_size), batch_size=batch_size,
+                          shard_size=shard_size, dtype=dtype, info=enc.info, overwrite=overwrite,
+                          progress=progress, num_threads=num_threads)
+
+
 class CachedLatentsSource:
-    """Random-access source over the shards ``encode_dataset`` wrote (all hosts' shards)."""
+    """Random-access source over the shards :func:`encode_dataset` wrote (all hosts' shards).
+
+    ``metadata``: host 0's metadata (``features``, ``image_size``, ``info``, ...). Raises when a host
+    has not finished (no ``metadata-<host>.json``): rerun the encoding to complete it.
+    """
 
     def __init__(self, out_dir: str | os.PathLike):
         import grain
 
-        paths = sorted(glob.glob(os.path.join(os.fspath(out_dir), "latents-*.array_record")))
-        if not paths:
-            raise ValueError(f"CachedLatentsSource: no latents-*.array_record files in {os.fspath(out_dir)!r}")
-        self.paths = paths
-        self.source = grain.sources.ArrayRecordDataSource(paths)
+        out_dir = os.fspath(out_dir)
+        metas = sorted(glob.glob(os.path.join(out_dir, "metadata-*.json")))
+        if not metas:
+            raise ValueError(f"CachedLatentsSource: no metadata-*.json in {out_dir!r} (not written by "
+                             f"encode_dataset, or not finished: run it again to resume)")
+        self.metadata = _read_json(metas[0])
+        count = int(self.metadata["process_count"])
+        names = [os.path.join(out_dir, f"metadata-{h:05d}.json") for h in range(count)]
+        missing = [h for h, name in enumerate(names) if not os.path.exists(name)]
+        if missing:
+            raise ValueError(f"CachedLatentsSource: {out_dir!r} is incomplete: hosts {missing} of {count} have "
+                             f"not finished encoding (run it again to resume)")
+        self.paths = [os.path.join(out_dir, f) for name in names for f in _read_json(name)["files"]]
+        if not self.paths:
+            raise ValueError(f"CachedLatentsSource: no examples in {out_dir!r}")
+        self.source = grain.sources.ArrayRecordDataSource(self.paths)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -103,20 +306,31 @@ class CachedLatentsSource:
 
 
 class _LatentsTransform:
+    def __init__(self, keys: Sequence[str] | None):
+        self.keys = None if keys is None else tuple(keys)
+
     def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
+        if self.keys is not None:
+            missing = [k for k in self.keys if k not in rec]
+            if missing:
+                raise KeyError(f"cached record has no {missing}; it has {sorted(rec)}")
+            rec = {k: rec[k] for k in self.keys}
         return {k: (v if k == "caption" else np.asarray(v)) for k, v in rec.items()}
 
 
 def make_latents_iterator(out_dir_or_source, *, global_batch_size: int, seed: int = 0, shuffle: bool = True,
-                          num_epochs: int | None = None, tokenizer=None, process_index: int | None = None,
-                          process_count: int | None = None, drop_remainder: bool = True,
-                          num_threads: int = 2) -> pipeline.DataIterator:
+                          num_epochs: int | None = None, tokenizer=None, keys: Sequence[str] | None = None,
+                          process_index: int | None = None, process_count: int | None = None,
+                          drop_remainder: bool = True, num_threads: int = 2) -> pipeline.DataIterator:
     """Per-host resumable batches of cached records: ``{"moments": [B,...], "context": [B,...],
-    "caption": str [B], ("input_ids" with a tokenizer)}``; same sharding/state rules as images."""
+    "input_ids": [B,L], "caption": str [B]}`` (only ``keys`` if given; ``input_ids`` re-tokenized
+    with a ``tokenizer``); same sharding/state rules as images."""
     source = (out_dir_or_source if isinstance(out_dir_or_source, CachedLatentsSource)
               else CachedLatentsSource(out_dir_or_source))
+    if tokenizer is not None and keys is not None and "caption" not in keys:
+        raise ValueError("make_latents_iterator: a tokenizer needs 'caption' in keys")
     ds, skip = pipeline._build(
-        source, _LatentsTransform(), global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+        source, _LatentsTransform(keys), global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
         num_epochs=num_epochs, process_index=process_index, process_count=process_count,
         drop_remainder=drop_remainder, num_threads=num_threads,
         batch_fn=None if tokenizer is None else pipeline._Tokenize(tokenizer), description=repr(source))
@@ -127,11 +341,10 @@ def sample_latents(moments, rng, scaling_factor: float = 0.18215):
     """``moments`` [..., 2z] (mean then logvar, NHWC) -> ``scaling_factor * (mean + std * eps)``.
 
     Works on numpy or jax arrays; ``rng`` is a jax PRNG key. logvar is clamped to [-30, 20] as in
-    ``DiagonalGaussianDistribution``.
+    ``DiagonalGaussian``; the same draw as the trainer's for the same key.
     """
-    import jax
     import jax.numpy as jnp
 
-    mean, logvar = jnp.split(jnp.asarray(moments, jnp.float32), 2, axis=-1)
-    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-    return scaling_factor * (mean + std * jax.random.normal(rng, mean.shape, mean.dtype))
+    from ldm_jax.models.autoencoder import DiagonalGaussian
+
+    return scaling_factor * DiagonalGaussian.from_moments(jnp.asarray(moments, jnp.float32)).sample(rng)

@@ -62,26 +62,28 @@ def decode_image(data: Any, min_side: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
-def preprocess_image(img: Image.Image, image_size: int, random_crop: bool = False,
+def preprocess_image(img: Image.Image, image_size: int | tuple[int, int], random_crop: bool = False,
                      flip: bool = False, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Resize the shorter side to ``image_size`` (bicubic), crop a square, flip -> float32 [S,S,3] in [-1,1].
+    """Resize to cover ``image_size`` (S: the shorter side to S; or (H, W)) with bicubic, crop, flip
+    -> float32 [H,W,3] in [-1,1].
 
     ``random_crop`` uses ``rng`` for the offset (else centre crop); ``flip`` flips left-right.
     """
+    th, tw = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else map(int, image_size)
     w, h = img.size
     if min(w, h) < 1:
         raise ValueError(f"image has size {img.size}")
-    s = image_size / min(w, h)
-    nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
+    s = max(th / h, tw / w)
+    nw, nh = max(tw, round(w * s)), max(th, round(h * s))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if s < 1 / 3 else None)
     if random_crop:
         if rng is None:
             raise ValueError("random_crop needs rng")
-        left, top = int(rng.integers(nw - image_size + 1)), int(rng.integers(nh - image_size + 1))
+        left, top = int(rng.integers(nw - tw + 1)), int(rng.integers(nh - th + 1))
     else:
-        left, top = (nw - image_size) // 2, (nh - image_size) // 2
-    arr = np.asarray(img, dtype=np.uint8)[top:top + image_size, left:left + image_size]
+        left, top = (nw - tw) // 2, (nh - th) // 2
+    arr = np.asarray(img, dtype=np.uint8)[top:top + th, left:left + tw]
     if flip:
         arr = arr[:, ::-1]
     return arr.astype(np.float32) * (1.0 / 127.5) - 1.0
@@ -102,7 +104,9 @@ class _ImageCaptionTransform:
         self.image_size, self.random_crop, self.random_flip = image_size, random_crop, random_flip
         self.caption_dropout, self.extra_keys = caption_dropout, tuple(extra_keys)
 
-    def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
+    def __call__(self, rec: dict, rng: np.random.Generator, size: tuple[int, int] | None = None) -> dict:
+        """``size``: (H, W) instead of the square ``image_size`` (aspect-ratio buckets)."""
+        size = size or self.image_size
         caption = rec.get("caption", "")
         if isinstance(caption, bytes):
             caption = caption.decode("utf-8", errors="replace")
@@ -110,11 +114,11 @@ class _ImageCaptionTransform:
         if not caption:
             return {_SKIP: "empty caption"}
         try:
-            img = decode_image(rec.get("image"), min_side=self.image_size)
+            img = decode_image(rec.get("image"), min_side=int(np.max(size)))
         except Exception as e:  # any decoder failure means a corrupt example, never a crash
             return {_SKIP: f"corrupt image ({type(e).__name__}: {e})"}
         flip = bool(self.random_flip and rng.random() < 0.5)
-        image = preprocess_image(img, self.image_size, self.random_crop, flip, rng)
+        image = preprocess_image(img, size, self.random_crop, flip, rng)
         if self.caption_dropout and rng.random() < self.caption_dropout:
             caption = ""  # unconditional example for classifier-free guidance
         out = {"image": image, "caption": caption}
@@ -278,8 +282,13 @@ class DataIterator:
         return dict(self._skip.reasons)
 
 
-def make_iterator(source, **kwargs) -> DataIterator:
-    """``DataIterator`` over ``make_dataset(source, **kwargs)``."""
+def make_iterator(source, *, bucketing: bool = False, **kwargs) -> DataIterator:
+    """``DataIterator`` over ``make_dataset(source, **kwargs)``; with ``bucketing=True`` an
+    aspect-ratio :class:`ldm_jax.data.buckets.BucketIterator` (same protocol, non-square batches)."""
+    if bucketing:
+        from ldm_jax.data.buckets import BucketIterator
+
+        return BucketIterator(source, **kwargs)
     return DataIterator(*make_dataset(source, **kwargs))
 
 

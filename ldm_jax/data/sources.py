@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "TarShardSource", "TfdsSource", "shapes_source"]
+__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "TarShardSource", "TfdsSource", "shapes_source", "source_from_spec"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _FILE_KEYS = ("file_name", "file", "image", "path", "filename")
@@ -241,6 +241,30 @@ def shapes_source(data_dir: str | os.PathLike, split: str = "train", image_size:
     extra = ("num_shapes", "background", "shape", "color", "size", "position", "center", "radius")
     return TfdsSource(f"shapes_captions/{builder.builder_config.name}", split=split, data_dir=data_dir,
                       image_key="image", caption_key="caption", extra_keys=extra if with_labels else ())
+
+
+def source_from_spec(spec: str, split: str = "train"):
+    """A source from a command-line string:
+
+    - ``folder:DIR`` or an existing directory: :class:`FolderSource`;
+    - ``tar:GLOB`` or a path / glob ending in ``.tar``: :class:`TarShardSource`;
+    - ``tfds:NAME[@DATA_DIR]`` (``NAME`` may include ``/config``): :class:`TfdsSource` of ``split``;
+    - ``shapes:DATA_DIR``: the built-in ``shapes_captions`` (default sizes) of ``split``.
+    """
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("folder", "tar", "tfds", "shapes"):
+        kind, rest = ("folder" if os.path.isdir(spec) else "tar" if spec.endswith(".tar") else ""), spec
+    if kind == "folder":
+        return FolderSource(rest)
+    if kind == "tar":
+        return TarShardSource(rest)
+    if kind == "tfds":
+        name, _, data_dir = rest.partition("@")
+        return TfdsSource(name, split=split, data_dir=data_dir or None)
+    if kind == "shapes":
+        return shapes_source(rest, split)
+    raise ValueError(f"data source {spec!r}: expected an image folder, .tar shards, folder:DIR, tar:GLOB, "
+                     f"tfds:NAME[@DATA_DIR] or shapes:DATA_DIR")
 
 
 def _flat_features(features, prefix: str = "") -> dict:
