@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test demo clean
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -19,11 +19,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/slow
-
-# Multi-process, exact-resume and SIGKILL training tests (slow on 2 cores; not part of `make test` yet).
-test-slow: $(STAMP)
-	$(PY) -m pytest -q tests/slow
+	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/ldm-jax demo --out demo_out

@@ -1,4 +1,5 @@
-"""A tiny KL autoencoder run for tests and CPU demos (configs/tiny.py's VAE, 16 px synthetic images)."""
+"""A tiny KL (or ``:vq``) autoencoder run for tests and CPU demos: configs/tiny.py's VAE on 16 px
+shapes_captions (``ldm-jax train-autoencoder --config configs/tiny_autoencoder.py --workdir DIR``)."""
 
 
 def _sibling(name):
@@ -13,10 +14,17 @@ def _sibling(name):
     return module
 
 
-def get_config():
+def get_config(arg=None):
+    """``configs/tiny_autoencoder.py:vq``: the VQ variant (``VQModel``, codebook loss)."""
     c = _sibling("sd_autoencoder").get_config()
     c.name = "tiny_autoencoder"
     c.vae = dict(_sibling("tiny").get_config().vae)
+    if arg == "vq":
+        c.name = "tiny_autoencoder_vq"
+        c.loss.kind = "vq"
+        c.vae.update(num_vq_embeddings=64, vq_embed_dim=4)
+    elif arg is not None:
+        raise ValueError(f"tiny_autoencoder: unknown variant {arg!r} (expected 'vq')")
     c.loss.disc_start = 100
     c.loss.disc_ndf = 8
     c.loss.disc_num_layers = 2
@@ -26,6 +34,9 @@ def get_config():
     c.train.num_steps = 200
     c.train.log_every = 20
     c.train.checkpoint_every = 100
-    c.data.image_size = 16
-    c.data.num_images = 64
+    c.train.keep_every = 0
+    c.train.image_every = 100
+    # shapes_captions at 16 px, built on first use under workdir/data
+    c.data.update(dict(source="shapes", image_size=16, num_train=512, num_validation=16, num_heldout=16,
+                       random_crop=False, random_flip=True, num_threads=2, num_images=64))
     return c

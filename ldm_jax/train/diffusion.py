@@ -21,6 +21,7 @@ to an uninterrupted one. Entry point: :func:`train`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -52,6 +53,8 @@ __all__ = [
     "create_train_state",
     "TrainSetup",
     "setup",
+    "abstract_train_state",
+    "compiler_options",
     "make_sampler",
     "get_stages",
     "stage_index",
@@ -413,11 +416,63 @@ def _state_shardings(abstract: TrainState, mesh: Mesh, config) -> Any:
         opt_state=sharding.param_shardings(abstract.opt_state, mesh, rules, min_size))
 
 
-def setup(config, mesh: Mesh, models: DiffusionModels | None = None, frozen: dict | None = None) -> TrainSetup:
-    """Build models, the sharded initial state (seed ``config.train.seed``) and the jitted step.
+# Jitted init and step per (config, mesh, models): another setup()/train() in the same process (a
+# resumed run, a restart after preemption, tests) reuses the traced and compiled programs instead of
+# building them again. Settings that only steer the loop (logging, checkpoints, samples) are not
+# part of the key.
+_LOOP_ONLY_TRAIN_KEYS = frozenset({
+    "progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints", "keep_every",
+    "async_checkpoints", "sample_every", "sample_steps", "sample_guidance", "sample_count",
+    "compilation_cache_dir"})
+_SETUP_CACHE_SIZE = 8
+_setup_cache: "dict[Any, _CompiledSetup]" = {}  # insertion order = least recently used first
 
-    ``frozen``: pretrained ``{"text": ..., "vae": ...}`` params (replacing the random ones).
-    """
+
+@dataclasses.dataclass(frozen=True)
+class _CompiledSetup:
+    models: DiffusionModels
+    schedule: optax.Schedule
+    key: Array
+    abstract_state: TrainState  # ShapeDtypeStructs carrying state_shardings
+    state_shardings: Any
+    frozen_shardings: Any
+    init_fn: Callable  # key -> (state, random frozen), jitted with out_shardings
+    step_fn: Callable
+
+
+def compiler_options(config) -> dict | None:
+    """``config.train.compiler_options``: XLA options for the jitted init/step, e.g.
+    ``{"xla_backend_optimization_level": 0}`` (CPU tests: several times faster compiles, slower steps)."""
+    opts = config.train.get("compiler_options")
+    return dict(opts) if opts else None
+
+
+def _setup_key(config, mesh: Mesh, models: DiffusionModels | None):
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    cfg = {k: v for k, v in cfg.items() if k not in ("name", "distributed")}
+    cfg["train"] = {k: v for k, v in dict(cfg.get("train", {})).items() if k not in _LOOP_ONLY_TRAIN_KEYS}
+    default = lambda o: o.tolist() if isinstance(o, (np.ndarray, np.generic)) else repr(o)  # noqa: E731
+    key = (json.dumps(cfg, sort_keys=True, default=default), mesh, models)
+    try:
+        hash(key)
+    except TypeError:  # e.g. models with unhashable fields: no reuse
+        return None
+    return key
+
+
+def _compiled_setup(config, mesh: Mesh, models: DiffusionModels | None) -> _CompiledSetup:
+    key = _setup_key(config, mesh, models)
+    hit = _setup_cache.pop(key, None) if key is not None else None
+    if hit is None:
+        hit = _build_setup(config, mesh, models)
+    if key is not None:
+        _setup_cache[key] = hit  # most recently used last
+        while len(_setup_cache) > _SETUP_CACHE_SIZE:
+            _setup_cache.pop(next(iter(_setup_cache)))
+    return hit
+
+
+def _build_setup(config, mesh: Mesh, models: DiffusionModels | None) -> _CompiledSetup:
     models = models or build_models(config)
     tx, schedule = make_optimizer(config)
     stage0 = get_stages(config)[0]
@@ -434,15 +489,36 @@ def setup(config, mesh: Mesh, models: DiffusionModels | None = None, frozen: dic
     s = config.get("sharding", {}) or {}
     frozen_sh = sharding.param_shardings(abstract_frozen, mesh, tuple(s.get("rules", ())),
                                          int(s.get("min_size", 2 ** 14)))
-    state, random_frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))(key)
+    opts = compiler_options(config)
+    init_fn = jax.jit(init, out_shardings=(state_sh, frozen_sh), compiler_options=opts)
+    step_fn = jax.jit(make_train_step(config, models, tx, schedule), donate_argnums=0,
+                      in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
+                      out_shardings=(state_sh, sharding.replicated(mesh)), compiler_options=opts)
+    return _CompiledSetup(models, schedule, key, ckpt_lib.abstract_like(abstract_state, state_sh), state_sh,
+                          frozen_sh, init_fn, step_fn)
+
+
+def abstract_train_state(config, mesh: Mesh, models: DiffusionModels | None = None) -> TrainState:
+    """The :class:`TrainState` of :func:`setup` as ``ShapeDtypeStruct`` leaves with their shardings on
+    ``mesh`` (e.g. to restore a checkpoint onto another mesh), without creating or compiling anything."""
+    return _compiled_setup(config, mesh, models).abstract_state
+
+
+def setup(config, mesh: Mesh, models: DiffusionModels | None = None, frozen: dict | None = None) -> TrainSetup:
+    """Build models, the sharded initial state (seed ``config.train.seed``) and the jitted step.
+
+    ``frozen``: pretrained ``{"text": ..., "vae": ...}`` params (replacing the random ones).
+    The jitted init and step are reused by later calls with the same config (loop-only
+    ``config.train`` settings aside), mesh and models, so they compile once per process.
+    """
+    c = _compiled_setup(config, mesh, models)
+    state, random_frozen = c.init_fn(c.key)
     if frozen is not None:
         merged = dict(random_frozen)
         merged.update({k: v for k, v in frozen.items() if v is not None})
-        random_frozen = jax.device_put(merged, frozen_sh)
-    step_fn = jax.jit(make_train_step(config, models, tx, schedule), donate_argnums=0,
-                      in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
-                      out_shardings=(state_sh, sharding.replicated(mesh)))
-    return TrainSetup(mesh, models, state, random_frozen, state_sh, frozen_sh, step_fn, schedule)
+        random_frozen = jax.device_put(merged, c.frozen_shardings)
+    return TrainSetup(mesh, c.models, state, random_frozen, c.state_shardings, c.frozen_shardings, c.step_fn,
+                      c.schedule)
 
 
 # ----------------------------------------------------------------------------------------------

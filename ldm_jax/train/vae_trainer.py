@@ -21,14 +21,21 @@ Notes on fidelity to the PyTorch recipe:
   trains it, as later Stability code does.
 - the dL gradients of the adaptive weight come from the same vjp as the update (no second
   forward pass); under jit only the last conv's transpose is computed for them.
+
+:func:`train_autoencoder` trains ``AutoencoderKL`` (``loss.kind='kl'``) or ``VQModel`` (``'vq'``)
+built from ``config.vae`` on batches of the grain pipeline (:func:`ldm_jax.data.make_iterator`)
+over ``config.data.source`` (shapes_captions, an image folder, webdataset shards, tfds or in-memory
+synthetic images), data-parallel over the mesh, with orbax checkpoints (state + data position,
+exact resume, SIGTERM saves and stops), TensorBoard scalars/reconstructions and a progress bar.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
+import json
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -37,10 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS, load_lpips_params
+from ldm_jax.train import checkpoint as ckpt_lib
+from ldm_jax.train import sharding
+from ldm_jax.train.writers import MetricWriter, image_grid
 
 __all__ = [
     "AETrainState",
@@ -54,6 +64,13 @@ __all__ = [
     "make_train_step",
     "synthetic_images",
     "synthetic_batches",
+    "SyntheticImageSource",
+    "build_autoencoder",
+    "load_lpips",
+    "make_source",
+    "make_data_iterator",
+    "AESetup",
+    "setup",
     "train_autoencoder",
 ]
 
@@ -184,24 +201,19 @@ def build_discriminator(config) -> NLayerDiscriminator:
                                n_layers=lc.get("disc_num_layers", 3))
 
 
-def create_train_state(config, model: nn.Module, key: Array, image_shape: tuple[int, ...],
-                       lpips_params: Any = None) -> AETrainState:
-    """Initialise autoencoder, logvar, discriminator, both optimizers and (if not given) LPIPS.
-
-    ``image_shape``: one batch's shape [B, H, W, 3]. Without ``lpips_params`` LPIPS is randomly
-    initialised (fine for tests; load the published weights for real training).
-    """
+def _init_fn(config, model: nn.Module, image_shape: tuple[int, ...]) -> Callable:
+    """Pure ``init(key, lpips_params) -> AETrainState`` (see :func:`create_train_state`)."""
     gen_tx, disc_tx = make_optimizers(config)
     disc = build_discriminator(config)
+    use_lpips = float(config.loss.get("perceptual_weight", 1.0)) > 0
 
-    @jax.jit  # eager init of VGG/UNet-sized modules is slow op by op
     def init(key, lpips_params):
         k_ae, k_d, k_l, k_rng = jax.random.split(key, 4)
         x = jnp.zeros(image_shape, jnp.float32)
         ae_params = model.init(k_ae, x)["params"]
         disc_vars = disc.init(k_d, x, train=False)
-        if lpips_params is None:
-            lpips_params = LPIPS().init(k_l, x[:1], x[:1])
+        if lpips_params is None:  # random VGG (tests); nothing when LPIPS is off
+            lpips_params = LPIPS().init(k_l, x[:1], x[:1]) if use_lpips else {}
         params = {"ae": ae_params, "logvar": jnp.asarray(config.loss.get("logvar_init", 0.0), jnp.float32)}
         return AETrainState(
             step=jnp.asarray(0, jnp.int32),
@@ -214,7 +226,19 @@ def create_train_state(config, model: nn.Module, key: Array, image_shape: tuple[
             rng=jax.random.key_data(k_rng) if jnp.issubdtype(k_rng.dtype, jax.dtypes.prng_key) else k_rng,
         )
 
-    return init(key, lpips_params)
+    return init
+
+
+def create_train_state(config, model: nn.Module, key: Array, image_shape: tuple[int, ...],
+                       lpips_params: Any = None) -> AETrainState:
+    """Initialise autoencoder, logvar, discriminator, both optimizers and (if not given) LPIPS.
+
+    ``image_shape``: one batch's shape [B, H, W, 3]. Without ``lpips_params`` LPIPS is randomly
+    initialised (fine for tests; load the published weights for real training), or left empty
+    (``{}``) when ``loss.perceptual_weight`` is 0.
+    """
+    # jitted: eager init of VGG/UNet-sized modules is slow op by op
+    return jax.jit(_init_fn(config, model, image_shape))(key, lpips_params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +400,106 @@ def synthetic_batches(images: np.ndarray, batch_size: int, seed: int = 0, start_
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry point
+# Data sources
+
+
+class SyntheticImageSource:
+    """:func:`synthetic_images` as a random-access source (uint8 images, a fixed caption) for the
+    grain pipeline: tests and demos without files."""
+
+    def __init__(self, num: int, size: int, seed: int = 0):
+        images = synthetic_images(num, size, seed)
+        self.images = np.round((images + 1.0) * 127.5).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "caption": "synthetic"}
+
+    def __repr__(self) -> str:
+        return f"SyntheticImageSource({len(self)} images)"
+
+
+class _ImagesOnly:
+    """A caption source used for images only: a missing caption becomes a placeholder, so the
+    pipeline (which skips empty captions) keeps uncaptioned images."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.source[index]
+        caption = rec.get("caption")
+        return {"image": rec.get("image"), "caption": caption if caption else "<image>"}
+
+    def __repr__(self) -> str:
+        return repr(self.source)
+
+
+def make_source(config, workdir: str | None = None):
+    """The random-access image source of ``config.data`` (``source`` and its fields):
+
+    - ``shapes``: the built-in ``shapes_captions`` (built on first use under ``data_dir``, default
+      ``workdir/data``) at ``image_size`` with ``num_train``/``num_validation``/``num_heldout``
+      examples and generation seed ``dataset_seed``; ``split`` (default ``train``).
+    - ``folder``: images under ``path`` (captions optional), see :class:`ldm_jax.data.FolderSource`.
+    - ``tar``: webdataset ``shards`` (glob or list), see :class:`ldm_jax.data.TarShardSource`.
+    - ``tfds``: prepared tfds dataset ``name`` (``split``, ``data_dir``, ``image_key``).
+    - ``synthetic``: ``num_images`` in-memory :func:`synthetic_images` (seed ``dataset_seed``).
+    """
+    from ldm_jax.data import sources
+
+    d = config.data
+    kind = d.get("source", "shapes")
+    if kind == "shapes":
+        data_dir = d.get("data_dir") or (os.path.join(workdir, "data") if workdir else None)
+        if not data_dir:
+            raise ValueError("data.source 'shapes' needs data.data_dir (or a workdir)")
+        src = sources.shapes_source(data_dir, d.get("split", "train"), image_size=int(d.image_size),
+                                    num_train=int(d.get("num_train", 2000)),
+                                    num_validation=int(d.get("num_validation", 200)),
+                                    num_heldout=int(d.get("num_heldout", 200)), seed=int(d.get("dataset_seed", 0)))
+    elif kind == "folder":
+        if not d.get("path"):
+            raise ValueError("data.source 'folder' needs data.path")
+        src = sources.FolderSource(d.path, d.get("captions_file") or None)
+    elif kind == "tar":
+        if not d.get("shards"):
+            raise ValueError("data.source 'tar' needs data.shards")
+        shards = d.shards if isinstance(d.shards, str) else list(d.shards)
+        src = sources.TarShardSource(shards)
+    elif kind == "tfds":
+        if not d.get("name"):
+            raise ValueError("data.source 'tfds' needs data.name")
+        src = sources.TfdsSource(d.name, split=d.get("split", "train"), data_dir=d.get("data_dir") or None,
+                                 image_key=d.get("image_key") or None, caption_key=d.get("caption_key") or None)
+    elif kind == "synthetic":
+        src = SyntheticImageSource(int(d.get("num_images", 64)), int(d.image_size), int(d.get("dataset_seed", 0)))
+    else:
+        raise ValueError(f"data.source must be one of shapes, folder, tar, tfds, synthetic; got {kind!r}")
+    return _ImagesOnly(src)
+
+
+def make_data_iterator(config, workdir: str | None = None, source=None):
+    """This process's rows of every global batch (``config.train.batch_size``) of ``config.data``:
+    a :class:`ldm_jax.data.DataIterator` over ``{"image": float32 [b, S, S, 3] in [-1, 1], "caption"}``
+    with ``get_state()``/``set_state()``. Shuffled with ``data.seed`` (a new order each epoch),
+    optional ``random_crop``/``random_flip``."""
+    from ldm_jax.data import make_iterator
+
+    d = config.data
+    return make_iterator(source if source is not None else make_source(config, workdir),
+                         global_batch_size=int(config.train.batch_size), image_size=int(d.image_size),
+                         seed=int(d.get("seed", 0)), shuffle=True, random_crop=bool(d.get("random_crop", False)),
+                         random_flip=bool(d.get("random_flip", False)), num_threads=int(d.get("num_threads", 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up on a mesh
 
 
 def build_autoencoder(config) -> nn.Module:
@@ -387,73 +510,213 @@ def build_autoencoder(config) -> nn.Module:
     return cls(**dict(config.vae))
 
 
-def _checkpoint_manager(workdir: str, config):
-    import orbax.checkpoint as ocp
-
-    t = config.train
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=t.get("keep_checkpoints", 3),
-                                             save_interval_steps=t.get("checkpoint_every", 1000),
-                                             create=True),
-    )
+def load_lpips(config) -> Any:
+    """Published LPIPS weights from ``config.lpips.vgg_path`` (+ ``lin_path``), else None (random VGG
+    in the state; a warning when LPIPS is on)."""
+    if config.get("lpips") and config.lpips.get("vgg_path"):
+        return load_lpips_params(config.lpips.vgg_path, config.lpips.get("lin_path") or None)
+    if float(config.loss.get("perceptual_weight", 1.0)) > 0:
+        logging.warning("lpips.vgg_path not set: LPIPS uses random VGG weights (tests/demos only)")
+    return None
 
 
-def train_autoencoder(config, workdir: str, model: nn.Module | None = None,
-                      forward: ForwardFn | None = None) -> tuple[AETrainState, list[dict]]:
-    """Train the first stage: data-parallel over all devices, orbax checkpoints in
-    ``workdir/checkpoints`` (resumes from the latest), a tqdm bar. Returns the final state and
-    the logged metrics (every ``config.train.log_every`` steps).
+@dataclasses.dataclass
+class AESetup:
+    """A fresh state on ``mesh`` and the jitted step (donates the state); data-parallel."""
 
-    Data: ``config.data.source == 'synthetic'`` (in-memory images, see :func:`synthetic_images`).
+    mesh: Mesh
+    model: nn.Module
+    state: AETrainState
+    state_shardings: Any  # per-leaf NamedShardings of the state (replicated)
+    batch_sharding: Any
+    step_fn: Callable  # (state, {"image": [B,H,W,3]}) -> (state, metrics)
+
+
+# Jitted init/step per (config, mesh, model, forward): later runs in the same process (resume, tests)
+# reuse the compiled programs. Loop-only settings are not part of the key.
+_LOOP_ONLY_TRAIN_KEYS = frozenset({
+    "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_every", "async_checkpoints",
+    "progress", "tensorboard", "image_every", "image_count"})
+_SETUP_CACHE_SIZE = 4
+_setup_cache: dict = {}  # insertion order = least recently used first
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompiledSetup:
+    model: nn.Module
+    key: Array
+    replicated: Any
+    batch_sharding: Any
+    init_fn: Callable  # (key, lpips_params) -> state
+    step_fn: Callable
+
+
+def _compiler_options(config) -> dict | None:
+    opts = config.train.get("compiler_options")
+    return dict(opts) if opts else None
+
+
+def _setup_key(config, mesh, model, forward):
+    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    parts = {"vae": c.get("vae"), "loss": c.get("loss"), "optim": c.get("optim"),
+             "image_size": dict(c.get("data", {})).get("image_size"),
+             "train": {k: v for k, v in dict(c.get("train", {})).items() if k not in _LOOP_ONLY_TRAIN_KEYS}}
+    key = (json.dumps(parts, sort_keys=True, default=repr), mesh, model, forward)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _compiled_setup(config, mesh: Mesh, model: nn.Module | None, forward: ForwardFn | None) -> _CompiledSetup:
+    key = _setup_key(config, mesh, model, forward)
+    hit = _setup_cache.pop(key, None) if key is not None else None
+    if hit is None:
+        model = model or build_autoencoder(config)
+        t, d = config.train, config.data
+        n = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+        if t.batch_size % n:
+            raise ValueError(f"train.batch_size {t.batch_size} is not divisible by the {n} data-parallel devices")
+        shape = (int(t.batch_size), int(d.image_size), int(d.image_size), int(config.vae.get("in_channels", 3)))
+        init = _init_fn(config, model, shape)
+        rng_key = jax.random.PRNGKey(int(t.get("seed", 0)))
+        rep = sharding.replicated(mesh)
+        batch_sh = sharding.batch_sharding(mesh)
+        opts = _compiler_options(config)
+        init_fn = jax.jit(init, out_shardings=rep, compiler_options=opts)
+        step_fn = jax.jit(make_train_step(config, model, forward), donate_argnums=0,
+                          in_shardings=(rep, batch_sh), out_shardings=(rep, rep), compiler_options=opts)
+        hit = _CompiledSetup(model, rng_key, rep, batch_sh, init_fn, step_fn)
+    if key is not None:
+        _setup_cache[key] = hit
+        while len(_setup_cache) > _SETUP_CACHE_SIZE:
+            _setup_cache.pop(next(iter(_setup_cache)))
+    return hit
+
+
+def setup(config, mesh: Mesh | None = None, model: nn.Module | None = None, forward: ForwardFn | None = None,
+          lpips_params: Any = None) -> AESetup:
+    """Fresh state (seed ``config.train.seed``, replicated on ``mesh``, default all devices along
+    ``data``) and the jitted step (batch split over the mesh's data axes). The jitted init and step
+    are reused by later calls with the same config (loop-only settings aside), mesh, model, forward.
     """
-    import orbax.checkpoint as ocp
+    mesh = mesh or sharding.make_mesh(dict(config.get("mesh", {"data": -1})))
+    c = _compiled_setup(config, mesh, model, forward)
+    state = c.init_fn(c.key, lpips_params)
+    return AESetup(mesh, c.model, state, jax.tree.map(lambda _: c.replicated, state), c.batch_sharding, c.step_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+
+
+def _fetch(pending: list[tuple[int, dict]]) -> list[dict]:
+    fetched = jax.device_get([m for _, m in pending])
+    return [dict({k: float(v) for k, v in m.items()}, step=s) for (s, _), m in zip(pending, fetched)]
+
+
+def _write_config(workdir: str, config) -> None:
+    if jax.process_index() != 0:
+        return
+    to_json = getattr(config, "to_json_best_effort", None)
+    text = to_json(indent=2, sort_keys=True) if to_json else json.dumps(dict(config), indent=2, default=repr)
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def train_autoencoder(config, workdir: str, model: nn.Module | None = None, forward: ForwardFn | None = None,
+                      *, source=None, devices: Sequence[jax.Device] | None = None
+                      ) -> tuple[AETrainState, list[dict]]:
+    """Train the first stage for ``config.train.num_steps`` steps; resumes from ``workdir/checkpoints``.
+
+    Data-parallel over ``devices`` (default all; mesh ``config.mesh``, default ``{"data": -1}``),
+    global batch ``config.train.batch_size`` from :func:`make_data_iterator` over ``config.data``
+    (or ``source``, any random-access image source). Multi-host: set ``config.distributed``; each
+    process reads its rows. Checkpoints (state without the frozen LPIPS weights, plus the data
+    iterator's position) every ``train.checkpoint_every`` steps and at the end (keep
+    ``keep_checkpoints``, and every ``keep_every`` forever); a resumed run is bit-identical to an
+    uninterrupted one. SIGTERM saves a checkpoint and returns. Writes ``workdir/config.json``,
+    TensorBoard scalars (``workdir/tensorboard``, every ``log_every`` steps) and input /
+    reconstruction grids every ``image_every`` steps (0: off); shows a progress bar.
+
+    Returns: the final state and the logged metrics (dicts with ``step``, every ``log_every`` steps
+    and the last step).
+    """
     from tqdm.auto import tqdm
 
-    t, d = config.train, config.data
-    if d.get("source", "synthetic") != "synthetic":
-        raise ValueError(f"data.source {d.source!r} is not supported by train_autoencoder yet (use 'synthetic')")
-    model = model or build_autoencoder(config)
-    n_dev = jax.device_count()
-    if t.batch_size % n_dev:
-        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by the {n_dev} devices")
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    shape = (t.batch_size, d.image_size, d.image_size, 3)
-
-    lpips_params = None
-    if config.get("lpips") and config.lpips.get("vgg_path"):
-        lpips_params = load_lpips_params(config.lpips.vgg_path, config.lpips.get("lin_path"))
-    elif config.loss.get("perceptual_weight", 1.0) > 0:
-        logging.warning("lpips.vgg_path not set: LPIPS uses random VGG weights (tests/demos only)")
-    init = functools.partial(create_train_state, config, model, image_shape=shape, lpips_params=lpips_params)
-    state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(t.get("seed", 0)))
-
+    sharding.maybe_initialize_distributed(config.get("distributed"))
+    t = config.train
+    if t.get("compilation_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(t.compilation_cache_dir))
+    mesh = sharding.make_mesh(dict(config.get("mesh", {"data": -1})), devices)
     os.makedirs(workdir, exist_ok=True)
-    mngr = _checkpoint_manager(workdir, config)
-    if mngr.latest_step() is not None:
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
-    start = int(state.step)
+    _write_config(workdir, config)
+    lpips_params = load_lpips(config)
+    ts = setup(config, mesh, model, forward, lpips_params)
+    state, model = ts.state, ts.model
+    num_steps = int(t.num_steps)
+    save_every = int(t.get("checkpoint_every", 1000))
+    ckpt = ckpt_lib.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), save_every=save_every, keep_last=int(t.get("keep_checkpoints", 3)),
+        keep_every=t.get("keep_every") or None, async_save=bool(t.get("async_checkpoints", True)))
+    it = make_data_iterator(config, workdir, source)
+    # LPIPS weights are frozen inputs, not training state: they stay out of the checkpoints.
+    without_lpips = lambda s: s.replace(lpips_params=None)  # noqa: E731
+    if ckpt.latest_step() is not None:
+        restored, meta = ckpt.restore(without_lpips(ckpt_lib.abstract_like(state, ts.state_shardings)))
+        state = restored.replace(lpips_params=state.lpips_params)
+        data = meta.get("data")
+        if data is not None:
+            it.set_state(data[jax.process_index()])
+        logging.info("autoencoder: resumed from step %d", int(state.step))
+    start = step = int(state.step)
 
-    step_fn = jax.jit(make_train_step(config, model, forward), donate_argnums=0,
-                      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated))
-    images = synthetic_images(d.get("num_images", 64), d.image_size, d.get("seed", 0))
-    batches = synthetic_batches(images, t.batch_size, t.get("seed", 0), start_step=start)
-    history = []
-    bar = tqdm(range(start, t.num_steps), initial=start, total=t.num_steps, desc="autoencoder",
-               disable=not t.get("progress", True))
-    t0 = time.perf_counter()
-    for step in bar:
-        batch = jax.device_put(next(batches), batch_sharding)
-        state, metrics = step_fn(state, batch)
-        if (step + 1) % t.get("log_every", 50) == 0 or step + 1 == t.num_steps:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            m["step"] = step + 1
-            m["images_per_s"] = (step + 1 - start) * t.batch_size / (time.perf_counter() - t0)
-            history.append(m)
-            bar.set_postfix(loss=f"{m['loss']:.4g}", rec=f"{m['rec_loss']:.4g}")
-        mngr.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == t.num_steps)
-    mngr.wait_until_finished()
-    mngr.close()
+    writer = MetricWriter(os.path.join(workdir, "tensorboard") if t.get("tensorboard", True) else None)
+    bar = tqdm(total=num_steps, initial=start, desc="autoencoder", dynamic_ncols=True,
+               disable=not t.get("progress", True) or jax.process_index() != 0)
+    log_every = int(t.get("log_every", 50))
+    image_every = int(t.get("image_every", 0) or 0)
+    if image_every:
+        reconstruct = jax.jit(lambda p, x: model.apply({"params": p}, x)[0], out_shardings=sharding.replicated(mesh))
+    history: list[dict] = []
+    pending: list = []
+    t_log, n_log = time.perf_counter(), 0
+    try:
+        with ckpt_lib.PreemptionGuard() as guard:
+            while step < num_steps:
+                images = np.asarray(next(it)["image"], np.float32)
+                batch = sharding.make_global_batch(mesh, {"image": images}, int(t.batch_size))
+                state, metrics = ts.step_fn(state, batch)
+                step += 1
+                n_log += int(t.batch_size)
+                pending.append((step, metrics))
+                bar.update(1)
+                if step % log_every == 0 or step == num_steps:
+                    dt = time.perf_counter() - t_log
+                    history.extend(_fetch(pending))
+                    m = dict(history[-1])
+                    m["images_per_s"] = n_log / max(dt, 1e-9)
+                    history[-1]["images_per_s"] = m["images_per_s"]
+                    writer.scalars(step, {k: v for k, v in m.items() if k != "step"})
+                    bar.set_postfix(loss=f"{m['loss']:.4g}", rec=f"{m['rec_loss']:.4g}")
+                    pending, t_log, n_log = [], time.perf_counter(), 0
+                if image_every and step % image_every == 0:
+                    n = min(int(t.get("image_count", 8)), int(t.batch_size))
+                    rec = np.asarray(jax.device_get(reconstruct(state.params["ae"], batch["image"])))[:n]
+                    writer.image(step, "reconstructions", image_grid(np.concatenate([images[:n], rec]), cols=n))
+                stop = guard.should_stop()
+                if stop or step == num_steps or step % save_every == 0:
+                    ckpt.save(step, without_lpips(state), {"step": step, "data": ckpt_lib.allgather_json(it.get_state())},
+                              force=stop or step == num_steps)
+                if stop:
+                    logging.warning("preempted: checkpoint at step %d written, stopping", step)
+                    break
+    finally:
+        history.extend(_fetch(pending))
+        bar.close()
+        ckpt.close()
+        writer.close()
     return state, history
