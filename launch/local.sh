@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Train with N jax.distributed processes on this machine (coordinator on 127.0.0.1).
+#
+#   launch/local.sh --nproc 2 --config configs/tiny_train.py --workdir runs/local [--config.x=y ...]
+#
+# Process i runs
+#   python -m ldm_jax.train.distributed --coordinator 127.0.0.1:PORT --num-processes N --process-id i \
+#       train --config ... --workdir ... [--config.x=y ...]
+# Process 0 prints to this terminal; process i > 0 logs to WORKDIR/logs/process_i.log. If one
+# process fails the others are stopped and the exit status is the failed one's.
+#
+# Options:
+#   --nproc N               processes (default 2)
+#   --config FILE           training config (required)
+#   --workdir DIR           shared by all processes (required)
+#   --port P                coordinator port (default 12355)
+#   --gpus-per-process K    give process i the GPUs i*K .. i*K+K-1 (CUDA_VISIBLE_DEVICES); default:
+#                           do not restrict (CPU, or one process per machine)
+#   --dry-run               print the commands instead of running them
+#   --config.a.b=v          config overrides, passed to every process
+# Environment: PYTHON (default python3) runs ldm_jax. Needs bash >= 4.4.
+set -euo pipefail
+
+USAGE="usage: launch/local.sh [--nproc N] --config FILE --workdir DIR [--port P] [--gpus-per-process K] [--dry-run] [--config.a.b=v ...]"
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+die() { echo "local.sh: $*" >&2; echo "$USAGE" >&2; exit 2; }
+# Print a command as a copy-pastable shell line.
+quote() {
+  local a out=()
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
+
+NPROC=2 CONFIG="" WORKDIR="" PORT=12355 GPUS_PER_PROCESS=0 DRY_RUN=0 OVERRIDES=()
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --config.*) OVERRIDES+=("$1") ;;
+    --nproc=* | --config=* | --workdir=* | --port=* | --gpus-per-process=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    --nproc | --config | --workdir | --port | --gpus-per-process)
+      (($# >= 2)) || die "$1 needs a value"
+      case $1 in
+        --nproc) NPROC=$2 ;; --config) CONFIG=$2 ;; --workdir) WORKDIR=$2 ;; --port) PORT=$2 ;;
+        --gpus-per-process) GPUS_PER_PROCESS=$2 ;;
+      esac
+      shift ;;
+    *) die "unknown argument: $1" ;;
+  esac
+  shift
+done
+[[ -n $CONFIG ]] || die "--config is required"
+[[ -n $WORKDIR ]] || die "--workdir is required"
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$NPROC'"
+[[ $PORT =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
+[[ $GPUS_PER_PROCESS =~ ^[0-9]+$ ]] || die "--gpus-per-process must be a number, got '$GPUS_PER_PROCESS'"
+
+PYTHON=${PYTHON:-python3}
+process_command() {  # $1: process id
+  local env=()
+  if ((GPUS_PER_PROCESS > 0)); then
+    env=(env "CUDA_VISIBLE_DEVICES=$(seq -s, $(($1 * GPUS_PER_PROCESS)) $((($1 + 1) * GPUS_PER_PROCESS - 1)))")
+  fi
+  CMD=("${env[@]}" "$PYTHON" -m ldm_jax.train.distributed --coordinator "127.0.0.1:$PORT"
+       --num-processes "$NPROC" --process-id "$1" train --config "$CONFIG" --workdir "$WORKDIR" "${OVERRIDES[@]}")
+}
+
+if ((DRY_RUN)); then
+  for ((i = 0; i < NPROC; i++)); do
+    process_command "$i"
+    if ((i == 0)); then quote "${CMD[@]}"; else echo "$(quote "${CMD[@]}") > $(quote "$WORKDIR/logs/process_$i.log") 2>&1"; fi
+  done
+  exit 0
+fi
+
+mkdir -p "$WORKDIR/logs"
+PIDS=()
+# shellcheck disable=SC2329  # called by the EXIT trap
+cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+for ((i = 0; i < NPROC; i++)); do
+  process_command "$i"
+  if ((i == 0)); then "${CMD[@]}" & else "${CMD[@]}" >"$WORKDIR/logs/process_$i.log" 2>&1 & fi
+  PIDS+=($!)
+done
+# Wait for the first process to finish; a failure stops the rest.
+STATUS=0
+for ((n = 0; n < NPROC; n++)); do
+  wait -n || { STATUS=$?; echo "local.sh: a process exited with status $STATUS; stopping the others" >&2; break; }
+done
+exit "$STATUS"

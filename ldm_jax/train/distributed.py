@@ -1,0 +1,97 @@
+"""Start ``jax.distributed`` from flags or the environment, then run an ``ldm-jax`` command.
+
+The trainers call ``jax.distributed.initialize`` themselves when ``config.distributed.enabled`` is
+true (cluster auto-detection: TPU pods, SLURM) or when the config names the coordinator
+(:func:`ldm_jax.train.sharding.maybe_initialize_distributed`). This module covers what a config
+file cannot know: a coordinator chosen by the launcher (``launch/local.sh``), given as flags or as
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``::
+
+    python -m ldm_jax.train.distributed --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 0 \\
+        train --config configs/tiny_train.py --workdir runs/tiny
+
+Under ``srun`` with more than one task it initialises from SLURM's variables (JAX's detection).
+``launch/slurm_gpu.sbatch`` and ``launch/tpu_pod.sh`` run plain ``ldm-jax train`` with
+``--config.distributed.enabled=True`` instead.
+Once initialised, the trainers' own call is a no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Mapping, Sequence
+
+__all__ = ["distributed_params", "maybe_initialize_distributed", "main"]
+
+
+def distributed_params(coordinator_address: str | None = None, num_processes: int | None = None,
+                       process_id: int | None = None, environ: Mapping[str, str] | None = None) -> dict | None:
+    """What to pass to ``jax.distributed.initialize``, or None for a single process.
+
+    Order: the arguments, then ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``, then an ``srun`` step of more than one task (``{}``: JAX reads SLURM's
+    variables). The batch script itself (no ``SLURM_STEP_NUM_TASKS``) stays a single process.
+    """
+    env = os.environ if environ is None else environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    given = {k: v for k, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
+                               ("process_id", process_id)) if v is not None}
+    if given:
+        missing = {"coordinator_address", "num_processes", "process_id"} - set(given)
+        if missing:
+            raise ValueError(f"jax.distributed needs coordinator address, number of processes and process id; "
+                             f"missing: {', '.join(sorted(missing))}")
+        if not 0 <= given["process_id"] < given["num_processes"]:
+            raise ValueError(f"process id {given['process_id']} is not in [0, {given['num_processes']})")
+        return given
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
+        return {}
+    return None
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """``jax.distributed.initialize`` once if :func:`distributed_params` finds a multi-process set-up.
+
+    Returns whether JAX runs distributed afterwards. Must run before anything touches a device.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    params = distributed_params(coordinator_address, num_processes, process_id)
+    if params is None:
+        return False
+    jax.distributed.initialize(**params)
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m ldm_jax.train.distributed",
+        description="Initialise jax.distributed, then run an ldm-jax command (everything after the flags).")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, help="default $JAX_NUM_PROCESSES")
+    p.add_argument("--process-id", type=int, default=None, help="default $JAX_PROCESS_ID")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="ldm-jax arguments, e.g. train --config ... --workdir ...")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("no ldm-jax command given (e.g. train --config configs/tiny_train.py --workdir runs/x)")
+    try:
+        maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:
+        p.error(str(err))
+    from ldm_jax.cli import main as cli_main
+
+    return cli_main(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
