@@ -1,9 +1,10 @@
 """The end-to-end demo behind ``make demo``: a text-to-image model trained from nothing on CPU.
 
 Stages (each reused on a re-run unless ``rebuild``): build ``shapes_captions`` -> train the tiny KL
-autoencoder on it -> train the tiny text-conditioned latent diffusion model (frozen random CLIP
-text encoder, 10% text dropout) -> sample held-out and seen prompts at several guidance scales ->
-``demo_out/`` with ``metrics.json``, sample grids, loss plots and ``report.html``.
+autoencoder on it -> pretrain the tiny CLIP text encoder on the training captions' labels (then
+frozen) -> train the tiny text-conditioned latent diffusion model (10% text dropout) -> sample seen
+and held-out prompts at several guidance scales -> ``demo_out/`` with ``metrics.json``, sample
+grids, loss plots and ``report.html``.
 """
 from __future__ import annotations
 
@@ -40,18 +41,14 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
 
     path = os.path.join(out_dir, "autoencoder.npz")
     if os.path.exists(path):
-        flat = dict(np.load(path))
-        from flax import traverse_util
-
-        return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}), \
-            _history(out_dir, "autoencoder")
+        return _load_params(path), _history(out_dir, "autoencoder")
     a = cfg.autoencoder
     ae_cfg = load_config(os.path.join(os.path.dirname(_CONFIG), "tiny_autoencoder.py"))
     ae_cfg.vae = ConfigDict(dict(cfg.vae))
     ae_cfg.loss.perceptual_weight = 0.0
     ae_cfg.loss.pixel_loss = a.get("pixel_loss", "l1")
     ae_cfg.loss.disc_start = 10 ** 9
-    ae_cfg.optim.base_learning_rate = a.lr
+    ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.get("b1", 0.5), b2=a.get("b2", 0.9))
     model = AutoencoderKL(**dict(cfg.vae))
     shape = (a.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
     state = jax.jit(lambda k: vae_trainer.create_train_state(ae_cfg, model, k, shape))(jax.random.key(cfg.seed))
@@ -65,12 +62,57 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
         if i % 20 == 0 or i == a.steps - 1:
             history.append(dict(step=i, **{k: float(v) for k, v in jax.device_get(metrics).items()}))
     params = jax.device_get(state.params["ae"])
-    from flax import traverse_util
-
-    np.savez(path, **{"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()})
+    _save_params(path, params)
     _history(out_dir, "autoencoder", history)
     log("autoencoder", history[-1])
     return params, history
+
+
+def _save_params(path: str, params) -> None:
+    from flax import traverse_util
+
+    tmp = path + ".tmp.npz"  # written whole, then renamed: a crash never leaves a half file at `path`
+    np.savez(tmp, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()})
+    os.replace(tmp, path)
+
+
+def _load_params(path: str):
+    from flax import traverse_util
+
+    with np.load(path) as flat:
+        return traverse_util.unflatten_dict({tuple(k.split("/")): flat[k] for k in flat.files})
+
+
+def _pretrain_text_encoder(cfg, tokenizer, text_model, out_dir, log):
+    """The frozen text encoder: random init, then (``cfg.text_pretrain.steps`` > 0) trained to read
+    shape/colour/size/position/background from the *training* captions (the demo's stand-in for
+    CLIP's pretraining, see :mod:`ldm_jax.train.text_encoder`). Returns (params, probe metrics):
+    a linear probe fitted on training captions, scored on held-out-combination captions."""
+    from ldm_jax.eval.attributes import labels_from_examples
+    from ldm_jax.train.text_encoder import pooled_features, pretrain_text_encoder, probe_accuracy
+
+    params = text_model.init(jax.random.key(cfg.seed + 3), jnp.zeros((1, 77), jnp.int32))["params"]
+    tp = cfg.get("text_pretrain", {}) or {}
+    if int(tp.get("steps", 0)) <= 0:
+        return params, {}
+    path = os.path.join(out_dir, "text_encoder.npz")
+    train = _examples(cfg, "train", cfg.data.num_train)
+    ids = np.asarray(tokenizer([ex["caption"] for ex in train]))
+    labels = labels_from_examples(train)
+    if os.path.exists(path):
+        params, history = _load_params(path), _history(out_dir, "text_encoder")
+    else:
+        params, history = pretrain_text_encoder(text_model, params, ids, labels, steps=int(tp.steps),
+                                                batch_size=int(tp.get("batch_size", 64)), lr=float(tp.get("lr", 1e-3)),
+                                                seed=cfg.seed + 4)
+        _save_params(path, params)
+        _history(out_dir, "text_encoder", history)
+    heldout = _examples(cfg, "heldout", cfg.data.num_heldout)
+    probe = probe_accuracy(pooled_features(text_model, params, ids), labels,
+                           pooled_features(text_model, params, np.asarray(tokenizer([ex["caption"] for ex in heldout]))),
+                           labels_from_examples(heldout))
+    log("text encoder (held-out caption probe)", probe)
+    return params, {"heldout_probe_accuracy": probe, "final": history[-1] if history else {}}
 
 
 def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
@@ -86,6 +128,7 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     tcfg.stages = [dict(resolution=cfg.data.image_size, steps=d.steps, batch_size=d.batch_size)]
     tcfg.train.update(dict(lr=d.lr, warmup_steps=d.warmup_steps, sample_every=0, tensorboard=True,
                            checkpoint_every=500, log_every=25))
+    tcfg.train.min_snr_gamma = float(d.get("min_snr_gamma", 0.0))
     tcfg.text_dropout = d.text_dropout
     tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]
@@ -150,6 +193,25 @@ def latent_scale(vae_config, vae_params, images: np.ndarray, batch_size: int = 1
     means = np.concatenate([np.asarray(encode(jnp.asarray(images[i:i + batch_size])))
                             for i in range(0, len(images), batch_size)])
     return float(1.0 / means.std())
+
+
+def autoencoder_ceiling(classifier, cfg, vae_params, num: int = 256, batch_size: int = 64) -> dict:
+    """Attribute accuracy of real validation images after an autoencoder round trip (posterior mean).
+
+    The diffusion model can only produce what the decoder can draw, so this bounds what the
+    generated images can reach; a low figure points at the autoencoder, not the diffusion stage.
+    """
+    from ldm_jax.eval.attributes import attribute_accuracy, labels_from_examples
+    from ldm_jax.models.autoencoder import AutoencoderKL
+
+    model = AutoencoderKL(**dict(cfg.vae))
+    roundtrip = jax.jit(lambda x: model.apply({"params": vae_params}, x,
+                                              method=lambda m, x: m.decode(m.encode(x).mean)))
+    examples = _examples(cfg, "validation", num)
+    x = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0
+    rec = np.concatenate([np.asarray(roundtrip(jnp.asarray(x[i:i + batch_size]))) for i in range(0, num, batch_size)])
+    rec = np.clip(np.round((rec + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return {k: float(v) for k, v in attribute_accuracy(classifier.predict(rec), labels_from_examples(examples)).items()}
 
 
 def evaluate(pipe, classifier, cfg, out_dir: str) -> dict:
@@ -284,6 +346,8 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
 
     tokenizer = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(
         os.path.join(out_dir, "tokenizer"), words=caption_words(cfg) if cfg.get("word_vocab", True) else None))
+    latent = int(cfg.vae.latent_channels)  # the UNet denoises the autoencoder's latents
+    cfg.unet.update(in_channels=latent, out_channels=latent)
     cfg.text_encoder.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     t = time.time()
@@ -298,8 +362,10 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
         cfg.vae.scaling_factor = latent_scale(cfg.vae, vae_params, real.astype(np.float32) / 127.5 - 1.0)
         print(f"[demo] latent scaling_factor = {cfg.vae.scaling_factor:.4f} (1/std of the latents)")
 
-    text_model = CLIPTextModel(**dict(cfg.text_encoder))
-    text_params = text_model.init(jax.random.key(cfg.seed + 3), jnp.zeros((1, 77), jnp.int32))["params"]
+    t = time.time()
+    text_params, text_metrics = _pretrain_text_encoder(cfg, tokenizer, CLIPTextModel(**dict(cfg.text_encoder)),
+                                                       out_dir, log)
+    stages["text_encoder_s"] = time.time() - t
     t = time.time()
     unet_params, diff_hist = _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log)
     stages["diffusion_s"] = time.time() - t
@@ -310,8 +376,11 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
 
     pipe = StableDiffusionPipeline(cfg, {"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
                                    tokenizer)
-    metrics: dict = {"stages": stages, "scaling_factor": float(cfg.vae.scaling_factor)}
+    metrics: dict = {"stages": stages, "scaling_factor": float(cfg.vae.scaling_factor), "text_encoder": text_metrics}
     t = time.time()
+    metrics["autoencoder_roundtrip_accuracy"] = autoencoder_ceiling(classifier, cfg, vae_params,
+                                                                    num=min(256, cfg.data.num_validation))
+    log("autoencoder round trip (attribute accuracy)", metrics["autoencoder_roundtrip_accuracy"])
     results = evaluate(pipe, classifier, cfg, out_dir)
     metrics["samples"] = results.pop("prompts")
     metrics.update(results)

@@ -10,7 +10,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     overrides = ["--config.autoencoder.steps=20", "--config.diffusion.steps=30", "--config.data.num_train=64",
                  "--config.data.num_validation=16", "--config.data.num_heldout=16", "--config.sample.steps=3",
                  "--config.sample.num_prompts=2", "--config.eval.num_prompts=4", "--config.eval.batch_size=4",
-                 "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5"]
+                 "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5", "--config.text_pretrain.steps=20"]
     metrics = run_demo(out, overrides=overrides)
     for name in ("metrics.json", "report.html", "losses.png", "samples_train_g1.0.png", "samples_heldout_g7.5.png"):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -24,6 +24,10 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert set(saved["bar"]) >= {"passed", "seen_mean_accuracy_at_guidance>=3", "heldout_mean_accuracy_at_guidance>=3"}
     assert 0.1 < saved["scaling_factor"] < 100
     assert metrics["diffusion_loss_last"] < metrics["diffusion_loss_first"]
+    assert 0.0 <= saved["autoencoder_roundtrip_accuracy"]["mean"] <= 1.0
+    probe = saved["text_encoder"]["heldout_probe_accuracy"]  # the pretrained frozen text encoder
+    assert {"color", "shape", "position", "mean"} <= set(probe) and os.path.isfile(os.path.join(out, "text_encoder.npz"))
     # a second run reuses the trained autoencoder and the diffusion checkpoint
     again = run_demo(out, overrides=overrides)
     assert again["stages"]["autoencoder_s"] < metrics["stages"]["autoencoder_s"]
+    assert again["text_encoder"]["heldout_probe_accuracy"] == probe  # reloaded, not retrained

@@ -102,7 +102,7 @@ def test_train_notebook(tmp_path):
                  "--config.data.num_train=64", "--config.data.num_validation=16", "--config.data.num_heldout=16",
                  "--config.sample.steps=2", "--config.sample.num_prompts=2", "--config.eval.num_prompts=2",
                  "--config.eval.batch_size=2", "--config.eval.classifier_images=32",
-                 "--config.eval.classifier_steps=3"]
+                 "--config.eval.classifier_steps=3", "--config.text_pretrain.steps=3"]
     out = tmp_path / "demo"
     nb = run_notebook("train_tpu.ipynb", dict(OVERRIDES=overrides, OUT_DIR=str(out),
                                               MY_PROMPTS=["a red circle", "a blue star"]), tmp_path)
