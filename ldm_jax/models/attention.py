@@ -39,21 +39,41 @@ def _dot_product(q, k, v, mask, scale, upcast):
 
 
 def _chunked(q, k, v, mask, scale, upcast, chunk):
-    q_len = q.shape[1]
+    """Queries in blocks of ``chunk`` under ``lax.scan``, heads-major layout.
+
+    Each block's ``[B, H, chunk, Lk]`` logits stay in cache instead of the whole ``[B, H, Lq, Lk]``
+    going through memory once per pass (max, exp, sum, matmul); on XLA:CPU this is ~3.5x faster
+    for SD's 32x32-latent self-attention (1024 tokens). Normalising after the value product
+    divides ``[chunk, D]`` instead of ``[chunk, Lk]`` numbers.
+    """
+    b, q_len, h, d = q.shape
     if q_len <= chunk:
         return _xla(q, k, v, mask, scale, upcast)
+    dtype = q.dtype
+    compute = jnp.float32 if upcast else dtype
     n = -(-q_len // chunk)
     pad = n * chunk - q_len
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    qc = qp.reshape(q.shape[0], n, chunk, *q.shape[2:]).swapaxes(0, 1)
+    qh = jnp.pad((q.astype(compute) * jnp.asarray(scale, compute)).transpose(0, 2, 1, 3),
+                 ((0, 0), (0, 0), (0, pad), (0, 0)))
+    qh = qh.reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)  # [n, B, H, chunk, D]
+    kh, vh = k.astype(compute).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, Lk, D]
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q_len, k.shape[1]))
-        mp = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
-        mc = mp.reshape(*mp.shape[:2], n, chunk, mp.shape[-1]).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda a: _xla(a[0], k, v, a[1], scale, upcast), (qc, mc))
-    else:
-        out = jax.lax.map(lambda a: _xla(a, k, v, None, scale, upcast), qc)
-    out = out.swapaxes(0, 1).reshape(q.shape[0], n * chunk, *q.shape[2:])
+        mask = jnp.broadcast_to(mask, (b, h, q_len, k.shape[1]))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        mask = mask.reshape(b, h, n, chunk, k.shape[1]).transpose(2, 0, 1, 3, 4)
+
+    def block(_, xs):
+        qq, mm = xs
+        logits = jnp.einsum("bhqd,bhkd->bhqk", qq, kh)
+        if mm is not None:
+            logits = jnp.where(mm, logits, jnp.finfo(logits.dtype).min)
+        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        denom = jnp.sum(e.astype(jnp.float32), axis=-1, keepdims=True)
+        out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), vh).astype(jnp.float32) / denom
+        return None, out.astype(dtype)
+
+    _, out = jax.lax.scan(block, None, (qh, mask))
+    out = out.transpose(1, 0, 3, 2, 4).reshape(b, n * chunk, h, d)  # [B, n*chunk, H, D]
     return out[:, :q_len]
 
 
@@ -65,7 +85,7 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     impl: str = "auto",
     upcast: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = 64,
 ) -> jax.Array:
     """Softmax attention.
 
@@ -81,8 +101,8 @@ def dot_product_attention(
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
-    if impl == "auto":
-        impl = "dot_product" if jax.default_backend() == "gpu" else "xla"
+    if impl == "auto":  # GPU: fused kernels; CPU: query blocks once the logits outgrow the cache
+        impl = "dot_product" if jax.default_backend() == "gpu" else "chunked" if q.shape[1] > chunk_size else "xla"
     scale = q.shape[-1] ** -0.5
     if impl == "xla":
         return _xla(q, k, v, mask, scale, upcast)

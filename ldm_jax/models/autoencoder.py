@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from ldm_jax.convert.torch_flax import torch_to_flax
 from ldm_jax.models.attention import dot_product_attention
+from ldm_jax.models.norm import GroupNorm
 
 __all__ = [
     "LAST_LAYER",
@@ -126,8 +127,7 @@ def _conv(features, kernel, dtype, param_dtype, name, stride=1, padding=None):
 
 def _group_norm(groups, dtype, param_dtype, name, eps=1e-6):
     # Two-pass variance: the decoder's activations get large, where E[x^2] - E[x]^2 loses precision.
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                        use_fast_variance=False, name=name)
+    return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):

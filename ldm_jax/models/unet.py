@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.models.attention import dot_product_attention
+from ldm_jax.models.norm import GroupNorm
 
 Dtype = Any
 
@@ -64,9 +65,9 @@ def _conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int
     )
 
 
-def _group_norm(groups: int, eps: float, param_dtype, name: str) -> nn.GroupNorm:
+def _group_norm(groups: int, eps: float, param_dtype, name: str) -> GroupNorm:
     # Normalisation always computed (and returned) in float32; the next layer casts to `dtype`.
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)
+    return GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)
 
 
 class TimestepEmbedding(nn.Module):
@@ -116,7 +117,7 @@ class Attention(nn.Module):
     dim_head: int
     upcast: bool = False
     attention_impl: str = "auto"
-    attention_chunk_size: int = 1024
+    attention_chunk_size: int = 64
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -172,7 +173,7 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     upcast_attention: bool = False
     attention_impl: str = "auto"
-    attention_chunk_size: int = 1024
+    attention_chunk_size: int = 64
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -204,7 +205,7 @@ class Transformer2DModel(nn.Module):
     upcast_attention: bool = False
     groups: int = 32
     attention_impl: str = "auto"
-    attention_chunk_size: int = 1024
+    attention_chunk_size: int = 64
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -420,7 +421,7 @@ class UNet2DConditionModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    attention_chunk_size: int = 1024
+    attention_chunk_size: int = 64
     remat: bool = False
 
     def _check(self) -> None:
