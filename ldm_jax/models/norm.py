@@ -40,8 +40,9 @@ class GroupNorm(nn.Module):
         per_group = lambda t: jnp.repeat(t.reshape(b, g, c // g).sum(-1), c // g, axis=1)  # [B,C]->[B,C] # noqa: E731
         xf = x.astype(jnp.float32)
         mean = per_group(xf.sum(axes)) / count
-        centred = xf - mean.reshape((b,) + (1,) * len(axes) + (c,))
+        broadcast = (b,) + (1,) * len(axes) + (c,)
+        centred = xf - mean.reshape(broadcast)
         var = per_group(jnp.square(centred).sum(axes)) / count
-        inv = jax.lax.rsqrt(var + self.epsilon).reshape(mean.shape[:1] + (1,) * len(axes) + (c,))
+        inv = jax.lax.rsqrt(var + self.epsilon).reshape(broadcast)
         y = centred * (inv * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
         return y.astype(self.dtype)

@@ -76,19 +76,20 @@ def pretrain_text_encoder(model, params, input_ids: np.ndarray, labels: Mapping[
         return loss, acc
 
     @jax.jit
-    def step(p, opt_state, key):
+    def step(p, opt_state, key, all_ids, all_labels):  # the data are arguments, not baked-in constants
         rows = jax.random.randint(key, (batch_size,), 0, n)
-        ids = jnp.asarray(input_ids)[rows]
-        y = {k: jnp.asarray(v)[rows] for k, v in labels.items()}
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, ids, y)
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            p, all_ids[rows], {k: v[rows] for k, v in all_labels.items()})
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss, acc
 
     from tqdm.auto import tqdm
 
+    all_ids, all_labels = jnp.asarray(input_ids), {k: jnp.asarray(v) for k, v in labels.items()}
     history = []
     for i in tqdm(range(steps), desc="text encoder", dynamic_ncols=True, disable=not progress):
-        train_params, opt_state, loss, acc = step(train_params, opt_state, jax.random.fold_in(key_batches, i))
+        train_params, opt_state, loss, acc = step(train_params, opt_state, jax.random.fold_in(key_batches, i),
+                                                  all_ids, all_labels)
         if i % 25 == 0 or i == steps - 1:
             history.append({"step": i, "loss": float(loss), "accuracy": float(acc)})
     return jax.device_get(train_params["encoder"]), history
@@ -101,31 +102,27 @@ def pooled_features(model, params, input_ids: np.ndarray, batch_size: int = 256)
     return np.concatenate([np.asarray(f(jnp.asarray(ids[i:i + batch_size]))) for i in range(0, len(ids), batch_size)])
 
 
-def probe_accuracy(train_feats, train_labels, test_feats, test_labels, *, steps: int = 300,
-                   seed: int = 0) -> dict[str, float]:
+def probe_accuracy(train_feats, train_labels, test_feats, test_labels, *, steps: int = 300) -> dict[str, float]:
     """Linear probe: heads fitted on ``train_feats`` (full-batch Adam), accuracy on ``test_feats``."""
     train_feats, test_feats = jnp.asarray(train_feats, jnp.float32), jnp.asarray(test_feats, jnp.float32)
     mu, sd = train_feats.mean(0), train_feats.std(0) + 1e-6
     xtr, xte = (train_feats - mu) / sd, (test_feats - mu) / sd
+    tx = optax.adam(0.05)
+
+    @jax.jit
+    def fit(w, st, x, y):
+        loss = lambda w: optax.softmax_cross_entropy_with_integer_labels(x @ w["kernel"] + w["bias"], y).mean()  # noqa: E731
+        u, st = tx.update(jax.grad(loss)(w), st)
+        return optax.apply_updates(w, u), st
+
     out = {}
     for name in sorted(train_labels):
         ytr = jnp.asarray(train_labels[name], jnp.int32)
         k = int(max(np.max(train_labels[name]), np.max(test_labels[name]))) + 1
         w = {"kernel": jnp.zeros((xtr.shape[1], k)), "bias": jnp.zeros((k,))}
-        tx = optax.adam(0.05)
         st = tx.init(w)
-
-        @jax.jit
-        def fit(w, st):
-            def loss(w):
-                return optax.softmax_cross_entropy_with_integer_labels(xtr @ w["kernel"] + w["bias"], ytr).mean()
-
-            g = jax.grad(loss)(w)
-            u, st = tx.update(g, st)
-            return optax.apply_updates(w, u), st
-
         for _ in range(steps):
-            w, st = fit(w, st)
+            w, st = fit(w, st, xtr, ytr)
         pred = np.asarray(jnp.argmax(xte @ w["kernel"] + w["bias"], -1))
         out[name] = float(np.mean(pred == np.asarray(test_labels[name])))
     out["mean"] = float(np.mean(list(out.values())))
