@@ -1,4 +1,5 @@
 """The implementations of dot_product_attention agree with each other and with numpy."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,3 +66,32 @@ def test_unknown_impl():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="unknown attention implementation"):
         dot_product_attention(q, k, v, impl="flash")
+
+
+@pytest.mark.parametrize("q_len,chunk", [(70, 16), (48, 16), (12, 64)])
+def test_blocked_backward_matches_autodiff(q_len, chunk):
+    """The chunked implementation's custom (flash-style) gradient equals autodiff of the einsum one."""
+    kq, kk, kv, kd = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(kq, (2, q_len, 3, 8))
+    k = jax.random.normal(kk, (2, 37, 3, 8))
+    v = jax.random.normal(kv, (2, 37, 3, 8))
+    d_out = jax.random.normal(kd, q.shape)
+
+    def grads(impl):
+        out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, impl=impl, chunk_size=chunk), q, k, v)
+        return (out, *vjp(d_out))
+
+    for got, want, name in zip(jax.jit(lambda: grads("chunked"))(), jax.jit(lambda: grads("xla"))(),
+                               ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+def test_blocked_backward_bf16_upcast_close_to_float32():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 40, 2, 8)) for i in range(3))
+    loss = lambda impl, dt, up: lambda q, k, v: dot_product_attention(  # noqa: E731
+        q.astype(dt), k.astype(dt), v.astype(dt), impl=impl, upcast=up, chunk_size=16).astype(jnp.float32).sum()
+    ref = jax.grad(loss("xla", jnp.float32, False), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss("chunked", jnp.bfloat16, True), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        assert g.dtype == jnp.float32  # grads come back in the inputs' dtype
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=5e-2, rtol=5e-2)

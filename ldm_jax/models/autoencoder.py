@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from ldm_jax.convert.torch_flax import torch_to_flax
 from ldm_jax.models.attention import dot_product_attention
+from ldm_jax.models.conv import conv_general_dilated
 from ldm_jax.models.norm import GroupNorm
 
 __all__ = [
@@ -122,7 +123,7 @@ class DiagonalGaussian:
 def _conv(features, kernel, dtype, param_dtype, name, stride=1, padding=None):
     pad = (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, param_dtype=param_dtype, kernel_init=_TORCH_KERNEL_INIT, name=name)
+                   conv_general_dilated=conv_general_dilated, dtype=dtype, param_dtype=param_dtype, kernel_init=_TORCH_KERNEL_INIT, name=name)
 
 
 def _group_norm(groups, dtype, param_dtype, name, eps=1e-6):

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.conv import conv_general_dilated
+
 __all__ = ["NLayerDiscriminator"]
 
 
@@ -46,7 +48,7 @@ class NLayerDiscriminator(nn.Module):
 
         def conv(features, stride, idx, bias):
             return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                           use_bias=bias, kernel_init=_conv_init, dtype=self.dtype,
+                           conv_general_dilated=conv_general_dilated, use_bias=bias, kernel_init=_conv_init, dtype=self.dtype,
                            param_dtype=self.param_dtype, name=f"main_{idx}")
 
         def norm(idx):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.convert.torch_flax import WeightsError, torch_to_flax
+from ldm_jax.models.conv import conv_general_dilated
 
 __all__ = [
     "LPIPS",
@@ -64,6 +65,7 @@ class VGG16Features(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
             for idx in (i for i, sl in VGG16_FEATURE_SLICES.items() if sl == s):
                 x = nn.Conv(_CHANNELS[idx], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                            conv_general_dilated=conv_general_dilated,
                             param_dtype=self.param_dtype, name=f"features_{idx}")(x)
                 x = nn.relu(x)
             taps.append(x)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.models.attention import dot_product_attention
+from ldm_jax.models.conv import conv_general_dilated
 from ldm_jax.models.norm import GroupNorm
 
 Dtype = Any
@@ -59,6 +60,7 @@ def _conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int
         (kernel, kernel),
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
+        conv_general_dilated=conv_general_dilated,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
