@@ -23,7 +23,7 @@ def _data_iterator(cfg, tokenizer, batch_size, seed, out_dir):
     from ldm_jax.data import make_iterator, shapes_source
 
     d = cfg.data
-    extra = {"max_shapes": d.max_shapes} if d.get("max_shapes", 2) != 2 else {}
+    extra = _scene_options(cfg)
     source = shapes_source(os.path.join(out_dir, "data"), "train", image_size=d.image_size,
                            num_train=d.num_train, num_validation=d.num_validation,
                            num_heldout=d.num_heldout, seed=d.seed, **extra)
@@ -160,12 +160,17 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     return jax.device_get(state.ema_params), _history(out_dir, "diffusion", history)
 
 
+def _scene_options(cfg) -> dict:
+    """The ``make_example`` options the demo's config sets (``max_shapes``, ``shape_scale``)."""
+    return {k: cfg.data[k] for k in ("max_shapes", "shape_scale") if k in cfg.data}
+
+
 def _examples(cfg, split: str, num: int, start: int = 0) -> list[dict]:
     """``make_example`` scenes of the demo's dataset (same seed/size/max_shapes as training)."""
     from ldm_jax.data.shapes import make_example
 
     d = cfg.data
-    extra = {"max_shapes": d.max_shapes} if d.get("max_shapes", 2) != 2 else {}
+    extra = _scene_options(cfg)
     return [make_example(d.seed, split, start + i, d.image_size, **extra) for i in range(num)]
 
 
@@ -289,7 +294,8 @@ def _classifier(cfg, out_dir: str):
             print(f"[demo] retraining the attribute classifier ({err})")
     c = cfg.eval
     clf = train_attribute_classifier(cfg.data.image_size, seed=cfg.seed, num_images=c.classifier_images,
-                                     steps=c.classifier_steps, max_shapes=cfg.data.get("max_shapes", 2))
+                                     steps=c.classifier_steps, batch_size=c.get("classifier_batch_size", 64),
+                                     **_scene_options(cfg))
     clf.save(path)
     return clf
 

@@ -100,6 +100,23 @@ def test_shapes_reproducible_and_labels_match_pixels(shapes_dir):
                for i in range(4))
 
 
+def test_shape_scale_scales_radii_only():
+    base = S.make_example(0, "train", 3, 32, max_shapes=1)
+    big = S.make_example(0, "train", 3, 32, max_shapes=1, shape_scale=1.15)
+    assert big["caption"] == base["caption"] and big["shape"][0] == base["shape"][0]
+    np.testing.assert_allclose(big["radius"][0], 1.15 * base["radius"][0], rtol=1e-6)
+    np.testing.assert_array_equal(big["center"], base["center"])
+    fg = lambda ex: int((ex["image"] != S.COLOR_RGB[ex["background"]]).any(-1).sum())  # noqa: E731
+    assert fg(big) > fg(base)  # more shape pixels
+    for bad in (0.0, S.MAX_SHAPE_SCALE + 0.01):
+        with pytest.raises(ValueError, match="shape_scale"):
+            S.make_example(0, "train", 0, 32, shape_scale=bad)
+    from ldm_jax.data.shapes_captions import shapes_config
+
+    assert shapes_config(32, 10, 2, 2, max_shapes=1, shape_scale=1.15).name.endswith("_max1_scale1.15")
+    assert "scale" not in shapes_config(32, 10, 2, 2).name
+
+
 def test_heldout_pairs_never_in_train(shapes_dir):
     for split, want in (("train", False), ("validation", False), ("heldout", True)):
         src = _split(shapes_dir, split)

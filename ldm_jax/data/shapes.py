@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "SPLITS", "HELDOUT_PAIRS",
-    "make_example", "render", "caption_for",
+    "make_example", "render", "caption_for", "MAX_SHAPE_SCALE",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -28,6 +28,8 @@ SIZES = ("small", "large")
 # Shape "radius" (centre to farthest point) as a fraction of the grid cell side.
 _SIZE_FRAC = (0.22, 0.38)
 _JITTER_FRAC = 0.06  # max centre offset inside the cell, fraction of the cell side
+# Largest radius multiplier: 0.38 * 1.15 + 0.06 < 0.5, a large shape stays inside its cell.
+MAX_SHAPE_SCALE = 1.15
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 SPLITS = ("train", "validation", "heldout")
@@ -127,8 +129,12 @@ def render(image_size: int, shapes, colors, centers, radii, background: int) -> 
     return np.asarray(img)
 
 
-def make_example(seed: int, split: str, index: int, image_size: int = 64, max_shapes: int = 2) -> dict:
+def make_example(seed: int, split: str, index: int, image_size: int = 64, max_shapes: int = 2,
+                 shape_scale: float = 1.0) -> dict:
     """One scene, a pure function of its arguments.
+
+    ``shape_scale`` multiplies the shape radii (small 0.22, large 0.38 of a grid cell); at most
+    :data:`MAX_SHAPE_SCALE`, so a large shape still fits its cell with the centre jitter.
 
     Returns ``image`` uint8 [S,S,3], ``caption`` str and labels, each length-2 (slot 1 is -1 / 0
     when the scene has one shape): ``shape``, ``color``, ``size``, ``position`` (index into
@@ -141,6 +147,8 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64, max_sh
         raise ValueError(f"image_size must be in [16, 1024], got {image_size}")
     if max_shapes not in (1, 2):
         raise ValueError(f"max_shapes must be 1 or 2, got {max_shapes}")
+    if not 0.0 < shape_scale <= MAX_SHAPE_SCALE:
+        raise ValueError(f"shape_scale must be in (0, {MAX_SHAPE_SCALE}], got {shape_scale}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     n = int(rng.integers(1, max_shapes + 1))
     positions = rng.choice(len(POSITIONS), size=n, replace=False)
@@ -162,7 +170,7 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64, max_sh
         row, col = divmod(int(p), 3)
         jx, jy = rng.uniform(-_JITTER_FRAC, _JITTER_FRAC, size=2) * cell
         centers.append(((col + 0.5) * cell + jx, (row + 0.5) * cell + jy))
-        radii.append(_SIZE_FRAC[z] * cell)
+        radii.append(_SIZE_FRAC[z] * shape_scale * cell)
     image = render(image_size, shapes, colors, centers, radii, background)
     caption = caption_for(shapes, colors, sizes, [int(p) for p in positions], background, rng)
 

@@ -33,10 +33,12 @@ class ShapesCaptionsConfig(tfds.core.BuilderConfig):
     num_heldout: int = 200
     seed: int = 0
     max_shapes: int = 2
+    shape_scale: float = 1.0
 
 
 def shapes_config(image_size: int = 64, num_train: int = 2000, num_validation: int = 200,
-                  num_heldout: int = 200, seed: int = 0, max_shapes: int = 2) -> ShapesCaptionsConfig:
+                  num_heldout: int = 200, seed: int = 0, max_shapes: int = 2,
+                  shape_scale: float = 1.0) -> ShapesCaptionsConfig:
     """A config whose name encodes all its parameters, e.g. ``s64_n2000-200-200_seed0``."""
     for k, v in (("num_train", num_train), ("num_validation", num_validation), ("num_heldout", num_heldout)):
         if v < 1:
@@ -45,9 +47,10 @@ def shapes_config(image_size: int = 64, num_train: int = 2000, num_validation: i
         raise ValueError(f"shapes_captions: max_shapes must be 1 or 2, got {max_shapes}")
     name = f"s{image_size}_n{num_train}-{num_validation}-{num_heldout}_seed{seed}"
     name += f"_max{max_shapes}" if max_shapes != 2 else ""
+    name += f"_scale{shape_scale:g}" if shape_scale != 1.0 else ""
     return ShapesCaptionsConfig(name=name, image_size=image_size, num_train=num_train,
                                 num_validation=num_validation, num_heldout=num_heldout, seed=seed,
-                                max_shapes=max_shapes,
+                                max_shapes=max_shapes, shape_scale=float(shape_scale),
                                 description="procedural shapes with captions")
 
 
@@ -98,19 +101,19 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int):
         cfg = self.builder_config
         for i in range(num):
-            ex = shapes_lib.make_example(cfg.seed, split, i, cfg.image_size, cfg.max_shapes)
+            ex = shapes_lib.make_example(cfg.seed, split, i, cfg.image_size, cfg.max_shapes, cfg.shape_scale)
             ex["image"] = _png(ex["image"])  # PNG via PIL: tfds would need TensorFlow to encode arrays
             yield i, ex
 
 
 def build_shapes_captions(data_dir: str | os.PathLike, image_size: int = 64, num_train: int = 2000,
                           num_validation: int = 200, num_heldout: int = 200,
-                          seed: int = 0, max_shapes: int = 2) -> ShapesCaptions:
+                          seed: int = 0, max_shapes: int = 2, shape_scale: float = 1.0) -> ShapesCaptions:
     """Generate (once; reused when already built) and return the prepared builder.
 
     Files go to ``data_dir/shapes_captions/<config name>/1.0.0/`` as ArrayRecord.
     """
-    cfg = shapes_config(image_size, num_train, num_validation, num_heldout, seed, max_shapes)
+    cfg = shapes_config(image_size, num_train, num_validation, num_heldout, seed, max_shapes, shape_scale)
     if cfg.name in {c.name for c in ShapesCaptions.BUILDER_CONFIGS}:
         cfg = cfg.name  # tfds refuses a new config object named like a predefined one
     builder = ShapesCaptions(data_dir=os.fspath(data_dir), config=cfg, file_format="array_record")

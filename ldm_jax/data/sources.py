@@ -233,11 +233,13 @@ class TfdsSource:
 
 def shapes_source(data_dir: str | os.PathLike, split: str = "train", image_size: int = 64,
                  num_train: int = 2000, num_validation: int = 200, num_heldout: int = 200,
-                 seed: int = 0, with_labels: bool = False, max_shapes: int = 2) -> TfdsSource:
+                 seed: int = 0, with_labels: bool = False, max_shapes: int = 2,
+                 shape_scale: float = 1.0) -> TfdsSource:
     """The built-in ``shapes_captions`` dataset (built on first use) as a ``TfdsSource``."""
     from ldm_jax.data.shapes_captions import build_shapes_captions
 
-    builder = build_shapes_captions(data_dir, image_size, num_train, num_validation, num_heldout, seed, max_shapes)
+    builder = build_shapes_captions(data_dir, image_size, num_train, num_validation, num_heldout, seed, max_shapes,
+                                    shape_scale)
     extra = ("num_shapes", "background", "shape", "color", "size", "position", "center", "radius")
     return TfdsSource(f"shapes_captions/{builder.builder_config.name}", split=split, data_dir=data_dir,
                       image_key="image", caption_key="caption", extra_keys=extra if with_labels else ())
