@@ -653,8 +653,8 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
                 pending.append((step, metrics))
                 bar.update(1)
                 if step % log_every == 0 or step == total:
+                    history.extend(_fetch(pending))  # blocks until these steps ran: time them after
                     dt = time.perf_counter() - t_log
-                    history.extend(_fetch(pending))
                     m = dict(history[-1])
                     m["images_per_s"] = n_log / max(dt, 1e-9)
                     m["stage"] = idx

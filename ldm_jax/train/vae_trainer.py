@@ -695,8 +695,8 @@ def train_autoencoder(config, workdir: str, model: nn.Module | None = None, forw
                 pending.append((step, metrics))
                 bar.update(1)
                 if step % log_every == 0 or step == num_steps:
+                    history.extend(_fetch(pending))  # blocks until these steps ran: time them after
                     dt = time.perf_counter() - t_log
-                    history.extend(_fetch(pending))
                     m = dict(history[-1])
                     m["images_per_s"] = n_log / max(dt, 1e-9)
                     history[-1]["images_per_s"] = m["images_per_s"]
