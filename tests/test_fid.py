@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ldm_jax.convert.torch_flax import WeightsError
 from ldm_jax.eval import inception as inc
-from ldm_jax.eval.fid import feature_statistics, fid_from_features, frechet_distance
+from ldm_jax.eval.fid import feature_statistics, fid_from_features, frechet_distance, trace_sqrt_product
 from ldm_jax.eval.inception import (InceptionV3FID, inception_features, inception_params_from_torch,
                                     load_inception, resize_bilinear)
 from reference_pkgs import import_pytorch_fid
@@ -197,3 +197,31 @@ def test_frechet_distance_matches_pytorch_fid(pytorch_fid):
         warnings.simplefilter("ignore", RuntimeWarning)
         assert fid_from_features(c, d) == pytest.approx(want_singular, rel=1e-6)
     assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_trace_sqrt_product_equals_sqrtm_trace():
+    from scipy import linalg
+
+    rng = np.random.default_rng(3)
+    _, s1 = feature_statistics(rng.standard_normal((300, 12)))
+    _, s2 = feature_statistics(rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12)))
+    want = np.trace(linalg.sqrtm(s1 @ s2)).real
+    assert trace_sqrt_product(s1, s2) == pytest.approx(want, rel=1e-9)
+
+
+def test_fid_with_fewer_samples_than_dimensions_where_sqrtm_fails(pytorch_fid):
+    # 64 samples of 128-d features at the demo classifier's scale: sqrtm(S1 S2) of the rank-deficient
+    # product has an imaginary diagonal above pytorch-fid's 1e-3 tolerance, and it raises.
+    rng = np.random.default_rng(0)
+    a = 50 * rng.standard_normal((64, 128))
+    b = 50 * rng.standard_normal((64, 128)) * 0.7 + 0.3
+    (mu1, s1), (mu2, s2) = feature_statistics(a), feature_statistics(b)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="Imaginary component"):
+        warnings.simplefilter("ignore")
+        pytorch_fid.fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
+    # Independent form: Tr((S1 S2)^1/2) is the sum of the square roots of S1 S2's (real, >= 0) eigenvalues.
+    eig = np.clip(np.linalg.eigvals(s1 @ s2).real, 0.0, None)
+    want = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
+    with pytest.warns(RuntimeWarning, match="imaginary component"):
+        got = fid_from_features(a, b)
+    assert np.isfinite(got) and got == pytest.approx(want, rel=1e-6)

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from scipy import linalg
 
-__all__ = ["feature_statistics", "frechet_distance", "fid_from_features"]
+__all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "trace_sqrt_product"]
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -25,7 +25,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (pytorch-fid's algorithm).
 
     If the product of the covariances is singular, ``eps`` is added to both diagonals; a small
-    imaginary part of the matrix square root is dropped (ValueError if its diagonal exceeds 1e-3).
+    imaginary part of the matrix square root is dropped. Where pytorch-fid raises instead (an
+    imaginary diagonal above 1e-3: ``sqrtm`` of a rank-deficient product, e.g. fewer samples than
+    feature dimensions), the trace term comes from :func:`trace_sqrt_product` with a warning.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -42,9 +44,26 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+            warnings.warn(f"FID: sqrtm has an imaginary component {np.max(np.abs(covmean.imag)):.3g} (rank-deficient "
+                          "covariances, e.g. fewer samples than feature dimensions); using the symmetric form "
+                          "Tr((S1^1/2 S2 S1^1/2)^1/2)", RuntimeWarning, stacklevel=2)
+            return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def trace_sqrt_product(sigma1, sigma2) -> float:
+    """Tr((S1 S2)^(1/2)) for covariance matrices [D, D], computed as Tr((S1^1/2 S2 S1^1/2)^(1/2)).
+
+    S1 S2 is similar to the symmetric positive semi-definite S1^1/2 S2 S1^1/2, so both have the same
+    non-negative eigenvalues; symmetric eigendecompositions stay real where ``sqrtm(S1 S2)`` of a
+    rank-deficient product picks up imaginary round-off.
+    """
+    w1, v1 = linalg.eigh(np.asarray(sigma1, np.float64))
+    root1 = (v1 * np.sqrt(np.clip(w1, 0.0, None))) @ v1.T
+    inner = root1 @ np.asarray(sigma2, np.float64) @ root1
+    eig = linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 def fid_from_features(feats_a, feats_b) -> float:
