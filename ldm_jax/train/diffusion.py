@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import flax
@@ -37,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import optim, sharding
-from ldm_jax.train.writers import MetricWriter, image_grid
+from ldm_jax.train.writers import MetricsLog, MetricWriter, image_grid
 
 __all__ = [
     "TrainState",
@@ -565,12 +564,6 @@ def make_batch_source(config, stage: Stage, rows: tuple[int, int]) -> Iterator[d
 # Loop
 
 
-def _fetch(pending: list[tuple[int, dict]]) -> list[dict]:
-    """Device metrics of several steps -> python floats with their step numbers (one transfer)."""
-    fetched = jax.device_get([m for _, m in pending])
-    return [dict({k: float(v) for k, v in m.items()}, step=s) for (s, _), m in zip(pending, fetched)]
-
-
 def train(config, workdir: str, *, frozen: dict | None = None, models: DiffusionModels | None = None,
           batch_source_fn: Callable[[Any, Stage, tuple[int, int]], Iterator] | None = None,
           devices: Sequence[jax.Device] | None = None) -> tuple[TrainState, list[dict]]:
@@ -623,15 +616,13 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
                disable=not t.get("progress", True) or jax.process_index() != 0)
     log_every = int(t.get("log_every", 50))
     save_every = int(t.get("checkpoint_every", 1000))
-    history: list[dict] = []
     sample_every = int(t.get("sample_every", 0) or 0)
     if sample_every:
         sampler = jax.jit(make_sampler(config, ts.models, int(t.get("sample_steps", 20)),
                                        float(t.get("sample_guidance", 5.0))), static_argnums=4,
                           out_shardings=sharding.replicated(mesh))
     current, source = None, None
-    t_log, n_log = time.perf_counter(), 0
-    pending = []
+    metrics_log = MetricsLog()
     try:
         with ckpt_lib.PreemptionGuard() as guard:
             while step < total:
@@ -649,18 +640,13 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
                 batch = sharding.make_global_batch(mesh, next(source), stages[idx].batch_size)
                 state, metrics = ts.step_fn(state, batch, ts.frozen)
                 step += 1
-                n_log += stages[idx].batch_size
-                pending.append((step, metrics))
+                metrics_log.add(step, metrics, stages[idx].batch_size)
                 bar.update(1)
                 if step % log_every == 0 or step == total:
-                    history.extend(_fetch(pending))  # blocks until these steps ran: time them after
-                    dt = time.perf_counter() - t_log
-                    m = dict(history[-1])
-                    m["images_per_s"] = n_log / max(dt, 1e-9)
+                    m = metrics_log.flush()
                     m["stage"] = idx
                     writer.scalars(step, {k: v for k, v in m.items() if k != "step"})
                     bar.set_postfix(loss=f"{m['loss']:.4f}", stage=idx, img_s=f"{m['images_per_s']:.1f}")
-                    pending, t_log, n_log = [], time.perf_counter(), 0
                 if sample_every and step % sample_every == 0:
                     kind = next(k for k in ("latents", "moments", "image") if k in batch)
                     shape = batch[kind].shape[1:]
@@ -681,7 +667,7 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
                     logging.warning("preempted: checkpoint at step %d written, stopping", step)
                     break
     finally:
-        history.extend(_fetch(pending))
+        history = metrics_log.close()
         bar.close()
         ckpt.close()
         writer.close()

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax
@@ -50,7 +49,7 @@ from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS, load_lpips_params
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import sharding
-from ldm_jax.train.writers import MetricWriter, image_grid
+from ldm_jax.train.writers import MetricsLog, MetricWriter, image_grid
 
 __all__ = [
     "AETrainState",
@@ -611,11 +610,6 @@ def setup(config, mesh: Mesh | None = None, model: nn.Module | None = None, forw
 # Loop
 
 
-def _fetch(pending: list[tuple[int, dict]]) -> list[dict]:
-    fetched = jax.device_get([m for _, m in pending])
-    return [dict({k: float(v) for k, v in m.items()}, step=s) for (s, _), m in zip(pending, fetched)]
-
-
 def _write_config(workdir: str, config) -> None:
     if jax.process_index() != 0:
         return
@@ -681,9 +675,7 @@ def train_autoencoder(config, workdir: str, model: nn.Module | None = None, forw
     image_every = int(t.get("image_every", 0) or 0)
     if image_every:
         reconstruct = jax.jit(lambda p, x: model.apply({"params": p}, x)[0], out_shardings=sharding.replicated(mesh))
-    history: list[dict] = []
-    pending: list = []
-    t_log, n_log = time.perf_counter(), 0
+    metrics_log = MetricsLog(rate_in_history=True)
     try:
         with ckpt_lib.PreemptionGuard() as guard:
             while step < num_steps:
@@ -691,18 +683,12 @@ def train_autoencoder(config, workdir: str, model: nn.Module | None = None, forw
                 batch = sharding.make_global_batch(mesh, {"image": images}, int(t.batch_size))
                 state, metrics = ts.step_fn(state, batch)
                 step += 1
-                n_log += int(t.batch_size)
-                pending.append((step, metrics))
+                metrics_log.add(step, metrics, int(t.batch_size))
                 bar.update(1)
                 if step % log_every == 0 or step == num_steps:
-                    history.extend(_fetch(pending))  # blocks until these steps ran: time them after
-                    dt = time.perf_counter() - t_log
-                    m = dict(history[-1])
-                    m["images_per_s"] = n_log / max(dt, 1e-9)
-                    history[-1]["images_per_s"] = m["images_per_s"]
+                    m = metrics_log.flush()
                     writer.scalars(step, {k: v for k, v in m.items() if k != "step"})
                     bar.set_postfix(loss=f"{m['loss']:.4g}", rec=f"{m['rec_loss']:.4g}")
-                    pending, t_log, n_log = [], time.perf_counter(), 0
                 if image_every and step % image_every == 0:
                     n = min(int(t.get("image_count", 8)), int(t.batch_size))
                     rec = np.asarray(jax.device_get(reconstruct(state.params["ae"], batch["image"])))[:n]
@@ -715,7 +701,7 @@ def train_autoencoder(config, workdir: str, model: nn.Module | None = None, forw
                     logging.warning("preempted: checkpoint at step %d written, stopping", step)
                     break
     finally:
-        history.extend(_fetch(pending))
+        history = metrics_log.close()
         bar.close()
         ckpt.close()
         writer.close()

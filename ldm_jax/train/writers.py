@@ -1,14 +1,15 @@
-"""Metric writers: TensorBoard scalars/images (process 0 only) and a tqdm progress bar."""
+"""Metric writers: TensorBoard scalars/images (process 0 only) and the trainers' metrics log."""
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-__all__ = ["MetricWriter", "image_grid"]
+__all__ = ["MetricWriter", "MetricsLog", "image_grid"]
 
 
 def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
@@ -58,3 +59,60 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class MetricsLog:
+    """The trainers' metrics: per-step device metrics queued without blocking, fetched once per
+    logging window.
+
+    ``add(step, metrics, num_images)`` after each step; ``flush()`` every ``log_every`` steps fetches
+    the queued steps in one ``jax.device_get`` and returns the window's last step's metrics (python
+    floats, with ``step``) plus ``images_per_s``: the window's images over the time from the
+    previous flush (or construction) to the end of this fetch. The fetch waits for the queued steps
+    to run, so timing before it would count only their dispatch. ``close()`` fetches what is left
+    and returns the history: one dict per step (``step`` and the step's metrics).
+
+    Args:
+      rate_in_history: also store ``images_per_s`` in the history entry of each window's last step.
+      clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(self, *, rate_in_history: bool = False, clock: Callable[[], float] = time.perf_counter):
+        self._rate_in_history = rate_in_history
+        self._clock = clock
+        self._pending: list[tuple[int, Any]] = []
+        self._images = 0
+        self._start = clock()
+        self.history: list[dict] = []
+
+    def add(self, step: int, metrics: Mapping[str, Any], num_images: int) -> None:
+        """Queue the (device) ``metrics`` of ``step``, which consumed ``num_images`` images."""
+        self._pending.append((int(step), metrics))
+        self._images += int(num_images)
+
+    def _fetch(self) -> list[dict]:
+        pending, self._pending = self._pending, []
+        fetched = jax.device_get([m for _, m in pending])
+        rows = [dict({k: float(v) for k, v in m.items()}, step=s) for (s, _), m in zip(pending, fetched)]
+        self.history.extend(rows)
+        return rows
+
+    def flush(self) -> dict:
+        """Fetch the queued steps; their last step's metrics with ``step`` and ``images_per_s``
+        (``{}`` when nothing is queued). Starts the next window."""
+        if not self._pending:
+            return {}
+        self._fetch()  # blocks until the queued steps ran: read the clock after it
+        now = self._clock()
+        out = dict(self.history[-1])
+        out["images_per_s"] = self._images / max(now - self._start, 1e-9)
+        if self._rate_in_history:
+            self.history[-1]["images_per_s"] = out["images_per_s"]
+        self._start, self._images = now, 0
+        return out
+
+    def close(self) -> list[dict]:
+        """Fetch the steps still queued (no ``images_per_s`` for them) and return the history."""
+        if self._pending:
+            self._fetch()
+        return self.history
