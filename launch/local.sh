@@ -22,35 +22,13 @@
 set -euo pipefail
 
 USAGE="usage: launch/local.sh [--nproc N] --config FILE --workdir DIR [--port P] [--gpus-per-process K] [--dry-run] [--config.a.b=v ...]"
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
-die() { echo "local.sh: $*" >&2; echo "$USAGE" >&2; exit 2; }
-# Print a command as a copy-pastable shell line.
-quote() {
-  local a out=()
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, quote, parse_options
 
 NPROC=2 CONFIG="" WORKDIR="" PORT=12355 GPUS_PER_PROCESS=0 DRY_RUN=0 OVERRIDES=()
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --config.*) OVERRIDES+=("$1") ;;
-    --nproc=* | --config=* | --workdir=* | --port=* | --gpus-per-process=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --nproc | --config | --workdir | --port | --gpus-per-process)
-      (($# >= 2)) || die "$1 needs a value"
-      case $1 in
-        --nproc) NPROC=$2 ;; --config) CONFIG=$2 ;; --workdir) WORKDIR=$2 ;; --port) PORT=$2 ;;
-        --gpus-per-process) GPUS_PER_PROCESS=$2 ;;
-      esac
-      shift ;;
-    *) die "unknown argument: $1" ;;
-  esac
-  shift
-done
+declare -A VALUE_OPTIONS=([--nproc]=NPROC [--config]=CONFIG [--workdir]=WORKDIR [--port]=PORT
+                          [--gpus-per-process]=GPUS_PER_PROCESS)
+parse_options "$@"
 [[ -n $CONFIG ]] || die "--config is required"
 [[ -n $WORKDIR ]] || die "--workdir is required"
 [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$NPROC'"

@@ -29,40 +29,22 @@ set -euo pipefail
 
 USAGE="usage: launch/tpu_pod.sh [up|create|install|train|logs|stop|delete] --name NAME --zone ZONE [--project P]
        [--accelerator-type v4-32] [--version V] [--config FILE] [--workdir gs://...] [--repo URL] [--dry-run] [--config.a.b=v ...]"
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
-die() { echo "tpu_pod.sh: $*" >&2; echo "$USAGE" >&2; exit 2; }
-quote() {
-  local a out=()
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if ((DRY_RUN)); then quote "$@"; else "$@"; fi; }
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, quote, run, parse_options
 
 ACTION="" NAME="" ZONE="" PROJECT="" ACCELERATOR=v4-32 VERSION=tpu-ubuntu2204-base
 CONFIG=configs/sd_v1_train.py WORKDIR="" REPO="" BRANCH=main DRY_RUN=0 OVERRIDES=()
-while (($#)); do
+declare -A VALUE_OPTIONS=([--name]=NAME [--zone]=ZONE [--project]=PROJECT [--accelerator-type]=ACCELERATOR
+                          [--version]=VERSION [--config]=CONFIG [--workdir]=WORKDIR [--repo]=REPO [--branch]=BRANCH)
+positional_arg() {
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --config.*) OVERRIDES+=("$1") ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --name | --zone | --project | --accelerator-type | --version | --config | --workdir | --repo | --branch)
-      (($# >= 2)) && [[ -n $2 && $2 != --* ]] || die "$1 needs a value"
-      case $1 in
-        --name) NAME=$2 ;; --zone) ZONE=$2 ;; --project) PROJECT=$2 ;; --accelerator-type) ACCELERATOR=$2 ;;
-        --version) VERSION=$2 ;; --config) CONFIG=$2 ;; --workdir) WORKDIR=$2 ;; --repo) REPO=$2 ;;
-        --branch) BRANCH=$2 ;;
-      esac
-      shift ;;
     up | create | install | train | logs | stop | delete)
       [[ -z $ACTION ]] || die "two actions given: $ACTION and $1"
       ACTION=$1 ;;
     *) die "unknown argument: $1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 ACTION=${ACTION:-up}
 [[ -n $NAME ]] || die "--name is required"
 [[ -n $ZONE ]] || die "--zone is required"

@@ -65,6 +65,14 @@ def test_scripts_parse_are_executable_and_strict(script):
     assert "--dry-run" in help_.stdout and "--config" in help_.stdout
 
 
+def test_common_helpers_parse_and_are_sourced_not_run():
+    path = os.path.join(ROOT, "launch/common.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    assert not os.stat(path).st_mode & stat.S_IXUSR, "common.sh is sourced, not run"
+    for script in ("launch/local.sh", "launch/tpu_pod.sh"):
+        assert 'source "$(dirname "${BASH_SOURCE[0]}")/common.sh"' in open(os.path.join(ROOT, script)).read()
+
+
 # ---------------------------------------------------------------------------------------------- TPU pod
 
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
@@ -226,6 +234,8 @@ def test_local_gpus_per_process_partitions_devices():
     (["--config", "c", "--workdir", "w", "--port", "x"], "--port must be a number"),
     (["--config", "c", "--workdir", "w", "extra"], "unknown argument: extra"),
     (["--config"], "--config needs a value"),
+    (["--config", "c", "--workdir", "--nproc", "2"], "--workdir needs a value"),
+    (["--config", "c", "--workdir", "w", "--bogus=1"], "unknown argument: --bogus=1"),
 ])
 def test_local_rejects_bad_arguments(args, message):
     out = sh("launch/local.sh", "--dry-run", *args, check=False)
@@ -246,6 +256,36 @@ def test_local_starts_every_process_and_propagates_failure(tmp_path):
     assert sorted(os.listdir(tmp_path / "w" / "logs")) == ["process_1.log", "process_2.log"]
     out = sh("launch/local.sh", *args, env=dict(env, FAKE_FAIL_ID="1"), check=False)
     assert out.returncode == 3 and "exited with status 3" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------- shared parsing
+
+def _equals_form(args, every=1):
+    """``args`` with every ``every``-th ``--opt value`` pair written ``--opt=value``."""
+    out, rest, n = [], list(args), 0
+    while rest:
+        word = rest.pop(0)
+        if word.startswith("--"):
+            value = rest.pop(0)
+            out += [f"{word}={value}"] if n % every == 0 else [word, value]
+            n += 1
+        else:
+            out.append(word)
+    return out
+
+
+@pytest.mark.parametrize("script, args", [
+    ("launch/local.sh", ["--nproc", "3", "--port", "23456", "--gpus-per-process", "1",
+                         "--config", "configs/tiny_train.py", "--workdir", "runs/a=b c"]),
+    ("launch/tpu_pod.sh", ["up", *TPU_ARGS, "--repo", "https://example.com/x.git?a=b", "--branch", "dev"]),
+])
+def test_option_equals_value_gives_the_same_command(script, args):
+    two_words = sh(script, "--dry-run", *args, *OVERRIDES).stdout
+    assert len(two_words.splitlines()) >= 3
+    for every in (1, 2):  # all options as --opt=value, then every other one
+        equals = _equals_form(args, every)
+        assert len(equals) < len(args)
+        assert sh(script, "--dry-run", *equals, *OVERRIDES).stdout == two_words
 
 
 # ---------------------------------------------------------------------------------------------- ldm_jax.train.distributed
