@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -83,6 +83,7 @@ class CheckpointManager:
         if save_every <= 0 or keep_last <= 0:
             raise ValueError(f"save_every ({save_every}) and keep_last ({keep_last}) must be > 0")
         self.directory = os.path.abspath(directory)
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep_last, keep_period=keep_every or None,
             create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -99,6 +100,23 @@ class CheckpointManager:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(_to_json(meta or {})))
         return self._mngr.save(int(step), args=args, force=force)
+
+    def save_or_stop(self, guard: "PreemptionGuard", step: int, state: Any, meta_fn: Callable[[], dict], *,
+                     last: bool) -> bool:
+        """End of a training step: save every ``save_every`` steps, at the ``last`` step and, forced,
+        when ``guard`` saw a preemption signal; returns whether to stop (preempted).
+
+        ``meta_fn()`` builds the metadata, only when saving. It may run a collective (e.g.
+        :func:`allgather_json`): every process calls it at the same steps, as the decision depends
+        on ``step``, ``last`` and ``guard.should_stop()`` only (the flag agrees over processes),
+        so ``last`` must be the same on every process.
+        """
+        stop = guard.should_stop()
+        if stop or last or step % self.save_every == 0:
+            self.save(step, state, meta_fn(), force=stop or last)
+        if stop:
+            logging.warning("preempted: checkpoint at step %d written, stopping", step)
+        return stop
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore ``(state, meta)`` of ``step`` (default latest) onto ``abstract_state``'s shardings."""

@@ -615,7 +615,6 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
     bar = tqdm(total=total, initial=step, desc="diffusion", dynamic_ncols=True,
                disable=not t.get("progress", True) or jax.process_index() != 0)
     log_every = int(t.get("log_every", 50))
-    save_every = int(t.get("checkpoint_every", 1000))
     sample_every = int(t.get("sample_every", 0) or 0)
     if sample_every:
         sampler = jax.jit(make_sampler(config, ts.models, int(t.get("sample_steps", 20)),
@@ -658,13 +657,12 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
                                      batch["input_ids"][:n], tuple(shape))
                     writer.image(step, "samples/ema", image_grid(np.asarray(
                         jax.device_get(images))))
-                stop = guard.should_stop()
-                if stop or step == total or step % save_every == 0:
+
+                def checkpoint_meta():  # gathers every process's data position: a collective
                     data_states[str(idx)] = ckpt_lib.allgather_json(source.get_state())
-                    ckpt.save(step, state, {"stage": idx, "step": step, "data": data_states},
-                              force=stop or step == total)
-                if stop:
-                    logging.warning("preempted: checkpoint at step %d written, stopping", step)
+                    return {"stage": idx, "step": step, "data": data_states}
+
+                if ckpt.save_or_stop(guard, step, state, checkpoint_meta, last=step == total):
                     break
     finally:
         history = metrics_log.close()

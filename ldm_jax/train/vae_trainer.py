@@ -693,12 +693,11 @@ def train_autoencoder(config, workdir: str, model: nn.Module | None = None, forw
                     n = min(int(t.get("image_count", 8)), int(t.batch_size))
                     rec = np.asarray(jax.device_get(reconstruct(state.params["ae"], batch["image"])))[:n]
                     writer.image(step, "reconstructions", image_grid(np.concatenate([images[:n], rec]), cols=n))
-                stop = guard.should_stop()
-                if stop or step == num_steps or step % save_every == 0:
-                    ckpt.save(step, without_lpips(state), {"step": step, "data": ckpt_lib.allgather_json(it.get_state())},
-                              force=stop or step == num_steps)
-                if stop:
-                    logging.warning("preempted: checkpoint at step %d written, stopping", step)
+
+                def checkpoint_meta():  # gathers every process's data position: a collective
+                    return {"step": step, "data": ckpt_lib.allgather_json(it.get_state())}
+
+                if ckpt.save_or_stop(guard, step, without_lpips(state), checkpoint_meta, last=step == num_steps):
                     break
     finally:
         history = metrics_log.close()
