@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers import VQModel as TorchVQModel
 
 from ldm_jax.convert.torch_flax import torch_to_flax
-from ldm_jax.models.autoencoder import (LAST_LAYER, AutoencoderKL, DiagonalGaussian, VectorQuantizer, VQModel,
+from ldm_jax.models.autoencoder import (LAST_LAYER, AutoencoderKL, DiagonalGaussian, VectorQuantizer,
                                         codebook_perplexity, vae_from_config, vq_from_config)
 
 TOL = 1e-4

@@ -2,13 +2,12 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from jax.sharding import Mesh
 
-from ldm_jax.pipeline import StableDiffusionPipeline, sample_to_dir
+from ldm_jax.pipeline import StableDiffusionPipeline
 from ldm_jax.reference import build_reference_pipeline
 
 PROMPTS = ["a red circle in the top left", "a blue square on a green background"]

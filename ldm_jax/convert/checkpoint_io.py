@@ -82,10 +82,11 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
         header.pop("__metadata__", None)
         data_start = 8 + header_len
         data_len = size - data_start
+        entries = []  # (key, begin, end, dtype, shape) of every tensor, checked
         for key, info in header.items():
             try:
                 begin, end = info["data_offsets"]
-                dtype, shape = info["dtype"], info["shape"]
+                dtype, shape = info["dtype"], tuple(info["shape"])
             except (KeyError, TypeError, ValueError):
                 raise WeightsError(f"safetensors file {path!r} is corrupt: bad header entry {key!r}") from None
             if end > data_len or begin > end:
@@ -94,14 +95,13 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
                     f"the data section, which has {data_len} bytes")
             if dtype not in _ST_DTYPES and dtype != "BF16":
                 raise WeightsError(f"safetensors file {path!r}: tensor {key!r} has unsupported dtype {dtype}")
+            entries.append((key, begin, end, dtype, shape))
         out: dict[str, np.ndarray] = {}
-        if not header:
+        if not entries:
             return out
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for key, info in header.items():
-                begin, end = info["data_offsets"]
-                raw = mm[data_start + begin:data_start + end]
-                out[key] = _decode(raw, info["dtype"], tuple(info["shape"]), key, path)
+            for key, begin, end, dtype, shape in entries:
+                out[key] = _decode(mm[data_start + begin:data_start + end], dtype, shape, key, path)
     return out
 
 

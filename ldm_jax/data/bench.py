@@ -1,7 +1,6 @@
 """``ldm-jax bench data``: images/s for decode + resize + crop, alone and through the full pipeline."""
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import time

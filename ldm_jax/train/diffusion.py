@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import optim, sharding

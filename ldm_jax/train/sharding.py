@@ -8,13 +8,11 @@ over ``("data", "fsdp")``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
