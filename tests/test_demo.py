@@ -16,6 +16,7 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert os.path.isfile(os.path.join(out, name)), name
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["wall_time_s"] > 0 and set(saved["samples"]) == {"train", "heldout"}
+    assert saved["time_budget_s"] == 1200 and saved["within_time_budget"] == (saved["wall_time_s"] <= 1200)
     for split in ("train", "heldout"):
         for g in ("1.0", "3.0", "7.5"):
             acc = saved["attribute_accuracy"][split][g]
