@@ -228,7 +228,10 @@ def test_adaptive_weight_lpips_and_kl_terms(kl_steps):
 # ------------------------------------------ KL, LPIPS off, 2 devices: learning, logging, exact resume
 @pytest.fixture(scope="module")
 def kl_run(data_dir, tmp_path_factory):
-    config = _config(data_dir, disc_start=130, perceptual_weight=0.0)
+    # disc_weight 0.1 (LDM: 0.5): at disc_start the discriminator is untrained and the adaptive weight
+    # scales its gradient to disc_weight x the reconstruction gradient at the decoder's last layer; at
+    # 0.5 its first 20 steps lift L1 by ~40% on this 150-step run (0.31 -> 0.44), hiding what the test checks.
+    config = _config(data_dir, disc_start=130, perceptual_weight=0.0, disc_weight=0.1)
     config.train.update(dict(num_steps=150, tensorboard=True, image_every=75, checkpoint_every=75))
     work = str(tmp_path_factory.mktemp("ae_full"))
     state, history = vt.train_autoencoder(config, work, devices=jax.devices()[:2])
@@ -240,13 +243,9 @@ def test_autoencoder_learns(kl_run):
     discriminator from step 130: reconstruction L1 falls clearly; checkpoints and logs are written."""
     config, work, state, history = kl_run
     assert int(state.step) == 150 and [h["step"] for h in history] == list(range(1, 151))
-    # Reconstruction learning is read over the 10 steps before the discriminator starts: LDM's adaptive
-    # weight lets the untrained discriminator's gradient dominate its first steps, which lifts L1 by
-    # ~40% here (0.31 -> 0.44), as in the reference loss. The held-out check below is after those steps.
-    first = history[0]["rec_loss"]
-    before_disc = np.mean([h["rec_loss"] for h in history[120:130]])
+    first, last = history[0]["rec_loss"], np.mean([h["rec_loss"] for h in history[-10:]])
     assert np.isfinite([h["loss"] for h in history]).all()
-    assert before_disc < 0.6 * first, (first, before_disc)
+    assert last < 0.6 * first, (first, last)
     assert history[129]["disc_factor"] == 0.0 and history[130]["disc_factor"] == 1.0  # steps 129, 130 (0-based)
     assert history[-1]["disc_loss"] > 0 and history[-1]["d_weight"] > 0
     assert state.lpips_params == {}  # LPIPS off: no VGG in the state
