@@ -132,6 +132,13 @@ class CheckpointManager:
 
     def close(self) -> None:
         self._mngr.wait_until_finished()
+        # Orbax removes leftover tmp directories (a save cut short by a crash) in a background thread
+        # started by the constructor, and its close() does not wait for it: a manager opened and closed
+        # just to read `latest_step` would race the next manager's cleanup of the same directory
+        # (FileNotFoundError in rmtree). Wait for it here.
+        await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._mngr.close()
 
 
