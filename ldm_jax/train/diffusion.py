@@ -581,7 +581,8 @@ def train(config, workdir: str, *, frozen: dict | None = None, models: Diffusion
       models: prebuilt :class:`DiffusionModels` (default :func:`build_models`).
       batch_source_fn: ``(config, stage, rows) -> iterator`` (default :func:`make_batch_source`).
       devices: devices of the mesh (default all).
-    Returns: the final state and the logged metrics (every ``config.train.log_every`` steps).
+    Returns: the final state and the metrics history (one dict per step; TensorBoard and the progress bar get
+    them every ``config.train.log_every`` steps).
     """
     from tqdm.auto import tqdm
 
