@@ -42,14 +42,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
                       stacklevel=2)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            warnings.warn(f"FID: sqrtm has an imaginary component {np.max(np.abs(covmean.imag)):.3g} (rank-deficient "
-                          "covariances, e.g. fewer samples than feature dimensions); using the symmetric form "
-                          "Tr((S1^1/2 S2 S1^1/2)^1/2)", RuntimeWarning, stacklevel=2)
-            return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        warnings.warn(f"FID: sqrtm has an imaginary component {np.max(np.abs(covmean.imag)):.3g} (rank-deficient "
+                      "covariances, e.g. fewer samples than feature dimensions); using the symmetric form "
+                      "Tr((S1^1/2 S2 S1^1/2)^1/2)", RuntimeWarning, stacklevel=2)
+        tr_covmean = trace_sqrt_product(sigma1, sigma2)
+    else:
+        tr_covmean = np.trace(covmean.real)  # a small imaginary part (round-off) is dropped
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def trace_sqrt_product(sigma1, sigma2) -> float:
