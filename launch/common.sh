@@ -52,9 +52,5 @@ parse_options() {
 
 # The variable of value option $1 (see parse_options); fails for other words.
 value_variable() {
-  local k
-  for k in "${!VALUE_OPTIONS[@]}"; do
-    if [[ $k == "$1" ]]; then echo "${VALUE_OPTIONS[$k]}"; return 0; fi
-  done
-  return 1
+  [[ -n ${VALUE_OPTIONS[$1]+set} ]] && echo "${VALUE_OPTIONS[$1]}"
 }
