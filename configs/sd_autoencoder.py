@@ -44,7 +44,8 @@ def get_config():
         disc_num_layers=3,
         last_layer=("decoder", "conv_out", "kernel"),
     )
-    c.optim = dict(base_learning_rate=4.5e-6, scale_lr=True, b1=0.5, b2=0.9, eps=1e-8)
+    c.optim = dict(base_learning_rate=4.5e-6, scale_lr=True, b1=0.5, b2=0.9, eps=1e-8,
+                   decay_steps=0)  # 0: LDM's constant rate; N: cosine decay to 0 at update N
     c.train = dict(batch_size=64, accumulation=1, num_steps=500_000, seed=0, log_every=100,
                    checkpoint_every=5000, keep_checkpoints=3, keep_every=50_000, async_checkpoints=True,
                    progress=True, tensorboard=True, image_every=5000, image_count=8,

@@ -30,6 +30,7 @@ def get_config():
         seed=0,
         lr=1e-4,
         warmup_steps=10_000,
+        decay_steps=0,  # 0: constant after warm-up (SD); N: cosine decay to 0 at update N
         b1=0.9,
         b2=0.999,
         adam_eps=1e-8,

@@ -48,7 +48,8 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
     ae_cfg.loss.perceptual_weight = 0.0
     ae_cfg.loss.pixel_loss = a.get("pixel_loss", "l1")
     ae_cfg.loss.disc_start = 10 ** 9
-    ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.get("b1", 0.5), b2=a.get("b2", 0.9))
+    ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.get("b1", 0.5), b2=a.get("b2", 0.9),
+                        decay_steps=_decay_steps(a))
     model = AutoencoderKL(**dict(cfg.vae))
     shape = (a.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
     state = jax.jit(lambda k: vae_trainer.create_train_state(ae_cfg, model, k, shape))(jax.random.key(cfg.seed))
@@ -66,6 +67,15 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
     _history(out_dir, "autoencoder", history)
     log("autoencoder", history[-1])
     return params, history
+
+
+def _decay_steps(stage_cfg) -> int:
+    """``lr_decay`` of a demo stage: "cosine" anneals the rate to 0 over the stage's ``steps``;
+    "constant" (the default, LDM's recipe) keeps it."""
+    kind = stage_cfg.get("lr_decay", "constant")
+    if kind not in ("constant", "cosine"):
+        raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {kind!r}")
+    return int(stage_cfg.steps) if kind == "cosine" else 0
 
 
 def _save_params(path: str, params) -> None:
@@ -129,6 +139,7 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     tcfg.train.update(dict(lr=d.lr, warmup_steps=d.warmup_steps, sample_every=0, tensorboard=True,
                            checkpoint_every=500, log_every=25))
     tcfg.train.min_snr_gamma = float(d.get("min_snr_gamma", 0.0))
+    tcfg.train.decay_steps = _decay_steps(d)
     tcfg.text_dropout = d.text_dropout
     tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]

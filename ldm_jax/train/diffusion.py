@@ -181,12 +181,14 @@ def encode_conditioning(text_encoder: nn.Module, text_params: Any, key: Array, i
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW + warm-up + clipping from ``config.train`` and its learning-rate schedule."""
+    """AdamW + warm-up (+ cosine decay over ``train.decay_steps`` updates when set) + clipping from
+    ``config.train`` and its learning-rate schedule."""
     t = config.train
-    tx = optim.make_optimizer(t.lr, t.get("warmup_steps", 0), b1=t.get("b1", 0.9), b2=t.get("b2", 0.999),
+    warmup, decay = t.get("warmup_steps", 0), t.get("decay_steps", 0)
+    tx = optim.make_optimizer(t.lr, warmup, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999),
                               eps=t.get("adam_eps", 1e-8), weight_decay=t.get("weight_decay", 1e-2),
-                              grad_clip_norm=t.get("grad_clip_norm", 1.0))
-    return tx, optim.learning_rate_schedule(t.lr, t.get("warmup_steps", 0))
+                              grad_clip_norm=t.get("grad_clip_norm", 1.0), decay_steps=decay)
+    return tx, optim.learning_rate_schedule(t.lr, warmup, decay)
 
 
 def get_stages(config) -> list[Stage]:

@@ -1,4 +1,4 @@
-"""Optimizer (AdamW + linear warm-up + global-norm clipping) and the LDM EMA."""
+"""Optimizer (AdamW + linear warm-up, optional cosine decay + global-norm clipping) and the LDM EMA."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,25 +10,39 @@ import optax
 __all__ = ["learning_rate_schedule", "make_optimizer", "ema_decay", "ema_update"]
 
 
-def learning_rate_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` optimizer updates, then constant (SD)."""
-    if lr < 0 or warmup_steps < 0:
-        raise ValueError(f"lr ({lr}) and warmup_steps ({warmup_steps}) must be >= 0")
+def learning_rate_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 0,
+                           final_fraction: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` optimizer updates, then constant (SD's
+    recipe, ``decay_steps=0``) or a cosine decay to ``final_fraction * lr`` at update ``decay_steps``
+    (counted from the first update, warm-up included) and constant after it.
+
+    The decay is for short runs (tests, the CPU demo): annealing the rate at the end of a fixed budget
+    lowers the loss the run ends at.
+    """
+    if lr < 0 or warmup_steps < 0 or decay_steps < 0:
+        raise ValueError(f"lr ({lr}), warmup_steps ({warmup_steps}) and decay_steps ({decay_steps}) must be >= 0")
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"final_fraction must be in [0, 1], got {final_fraction}")
+    if decay_steps:
+        if decay_steps <= warmup_steps:
+            raise ValueError(f"decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps})")
+        return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps, decay_steps,
+                                                  end_value=final_fraction * lr)
     if warmup_steps == 0:
         return optax.constant_schedule(lr)
     return optax.linear_schedule(0.0, lr, warmup_steps)
 
 
 def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, weight_decay: float = 1e-2, grad_clip_norm: float | None = 1.0
-                   ) -> optax.GradientTransformation:
+                   eps: float = 1e-8, weight_decay: float = 1e-2, grad_clip_norm: float | None = 1.0,
+                   decay_steps: int = 0) -> optax.GradientTransformation:
     """``clip_by_global_norm(grad_clip_norm)`` then AdamW with :func:`learning_rate_schedule`.
 
     The schedule follows the optimizer's own update count, so skipped (non-finite) steps do not
     advance the warm-up.
     """
     chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
-    chain.append(optax.adamw(learning_rate_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps,
+    chain.append(optax.adamw(learning_rate_schedule(lr, warmup_steps, decay_steps), b1=b1, b2=b2, eps=eps,
                              weight_decay=weight_decay))
     return optax.chain(*chain)
 

@@ -48,6 +48,7 @@ from jax.sharding import Mesh
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS, load_lpips_params
 from ldm_jax.train import checkpoint as ckpt_lib
+from ldm_jax.train import optim
 from ldm_jax.train import sharding
 from ldm_jax.train.writers import MetricsLog, MetricWriter, image_grid
 
@@ -183,10 +184,13 @@ def learning_rate(config) -> float:
 
 
 def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """(generator, discriminator) Adams with betas (b1, b2) = (0.5, 0.9); logvar frozen unless
+    """(generator, discriminator) Adams with betas (b1, b2) = (0.5, 0.9) at LDM's constant rate, or a
+    cosine decay over ``optim.decay_steps`` updates when set; logvar frozen unless
     ``config.loss.learn_logvar``."""
-    lr = learning_rate(config)
     o = config.optim
+    lr = learning_rate(config)
+    if o.get("decay_steps", 0):  # a float rate otherwise, so existing checkpoints keep their optimizer-state layout
+        lr = optim.learning_rate_schedule(lr, 0, o.decay_steps)
     adam = lambda: optax.adam(lr, b1=o.get("b1", 0.5), b2=o.get("b2", 0.9), eps=o.get("eps", 1e-8))
     labels = lambda params: {"ae": jax.tree.map(lambda _: "train", params["ae"]),
                              "logvar": "train" if config.loss.get("learn_logvar", False) else "freeze"}
