@@ -18,8 +18,9 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# glibc's huge-page malloc: XLA:CPU steps 1.3-1.5x faster (ldm_jax/malloc_env.py); `ldm-jax` sets it itself.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/ldm-jax demo --out demo_out

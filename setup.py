@@ -37,5 +37,5 @@ setup(
             "nbformat",
         ],
     },
-    entry_points={"console_scripts": ["ldm-jax=ldm_jax.cli:main"]},
+    entry_points={"console_scripts": ["ldm-jax=ldm_jax.cli:run"]},
 )

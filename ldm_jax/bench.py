@@ -408,7 +408,7 @@ def bench_sample(config: str | None = None, overrides: Sequence[str] = (), batch
         "guidance_scale": float(opts["guidance_scale"]), "sampler": opts["sampler"], "repeats": repeats,
         "calls_per_round": calls, "threads": n_threads, "cpu_affinity": cpus, "cpu_count": os.cpu_count(),
         "isolation": "one process per side per round, alternating ours/peer, pinned to the same CPUs",
-        "versions": _versions(),
+        "versions": _versions(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     missing = _torch_available() if peer else "disabled (--no-peer)"
     work = tempfile.mkdtemp(prefix="bench_sample_")
@@ -605,6 +605,7 @@ def bench_train(config: str | None = None, overrides: Sequence[str] = (), batch:
     result: dict[str, Any] = {
         "bench": "train", "config": cfg.get("name", config), "batch": b, "steps": steps,
         "latent_shape_nhwc": list(latent_shape), "versions": _versions(), "device": _device_info(jax.devices()),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "matmul_peak_gflops": peak,
         "ours": {"compile_s": compile_s, "s_per_step": step_s, "images_per_s": b / step_s, "step_times_s": times,
                  "flops_per_step": flops, "mfu": flops / step_s / (peak * 1e9) if flops else None,

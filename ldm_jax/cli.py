@@ -213,5 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``ldm-jax`` console entry point: :func:`main` in a process started with glibc's huge-page
+    malloc (1.3-1.5x faster CPU training steps; see :mod:`ldm_jax.malloc_env`)."""
+    from ldm_jax.malloc_env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc("ldm_jax.cli", sys.argv[1:])
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -413,6 +413,7 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     if ae_key:
         metrics["autoencoder_loss_first"], metrics["autoencoder_loss_last"] = ae_hist[0][ae_key], ae_hist[-1][ae_key]
     metrics["wall_time_s"] = time.time() - t_start
+    metrics["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # huge-page malloc: see ldm_jax.malloc_env
     budget = cfg.get("time_budget_s")
     if budget:
         metrics["time_budget_s"] = float(budget)
