@@ -75,7 +75,12 @@ def _decay_steps(stage_cfg) -> int:
     kind = stage_cfg.get("lr_decay", "constant")
     if kind not in ("constant", "cosine"):
         raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {kind!r}")
-    return int(stage_cfg.steps) if kind == "cosine" else 0
+    if kind == "constant":
+        return 0
+    steps, warmup = int(stage_cfg.steps), int(stage_cfg.get("warmup_steps", 0))
+    if steps <= warmup:
+        raise ValueError(f"lr_decay='cosine' needs steps ({steps}) > warmup_steps ({warmup})")
+    return steps
 
 
 def _save_params(path: str, params) -> None:

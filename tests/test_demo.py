@@ -7,7 +7,8 @@ def test_demo_end_to_end_tiny(tmp_path):
     from ldm_jax.demo import run_demo
 
     out = str(tmp_path / "demo")
-    overrides = ["--config.autoencoder.steps=20", "--config.diffusion.steps=30", "--config.data.num_train=64",
+    overrides = ["--config.autoencoder.steps=20", "--config.diffusion.steps=30", "--config.diffusion.warmup_steps=3",
+                 "--config.data.num_train=64",
                  "--config.data.num_validation=16", "--config.data.num_heldout=16", "--config.sample.steps=3",
                  "--config.sample.num_prompts=2", "--config.eval.num_prompts=4", "--config.eval.batch_size=4",
                  "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5", "--config.text_pretrain.steps=20"]

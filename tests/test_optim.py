@@ -91,3 +91,5 @@ def test_demo_stage_decay_option():
     assert _decay_steps(ConfigDict(dict(steps=300, lr_decay="cosine"))) == 300
     with pytest.raises(ValueError, match="lr_decay"):
         _decay_steps(ConfigDict(dict(steps=300, lr_decay="linear")))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        _decay_steps(ConfigDict(dict(steps=30, warmup_steps=100, lr_decay="cosine")))
