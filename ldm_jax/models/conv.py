@@ -1,25 +1,39 @@
-"""A drop-in ``conv_general_dilated`` for ``flax.linen.Conv`` whose weight gradient XLA:CPU runs fast.
+"""A drop-in ``conv_general_dilated`` for ``flax.linen.Conv`` with an optional tap-matmul kernel gradient.
 
-XLA:CPU lowers the gradient of a 2-D convolution with respect to its *kernel* to a convolution
-with unusual dimension numbers that runs 5-18x slower than the forward convolution (measured:
-64x32x32x32 -> 32 channels, forward 20 ms, kernel gradient 320-410 ms). Written instead as one
-matmul per kernel tap, ``dW[i, j] = sum_{n,h,w} x_pad[n, h*s+i, w*s+j, :]^T dy[n, h, w, :]``, it is
-3-6x faster and gives the same values to float32 rounding. The forward pass and the input
-gradient stay XLA's own. On GPU and TPU (cuDNN, the TPU convolution unit) the stock lowering is
-used unchanged.
+XLA:CPU's lowering of a 2-D convolution's gradient with respect to its *kernel* depends on the CPU.
+On the 2026-11-25 development machine it ran 5-18x slower than the forward convolution (64x32x32x32
+-> 32 channels: forward 20 ms, kernel gradient 320-410 ms), and one matmul per kernel tap,
+``dW[i, j] = sum_{n,h,w} x_pad[n, h*s+i, w*s+j, :]^T dy[n, h, w, :]``, was 3-6x faster. On the
+2026-11-28 machine (AMD EPYC, AVX-512) XLA's own gradient is the faster one, 1.1-1.9x (same
+convolution: forward + both gradients 41 ms vs 79 ms), and only XLA's own convolutions can join
+XNNPACK/YNNPACK fusions (:mod:`ldm_jax.xla_cpu`). So XLA's lowering is the default and the taps are
+opt-in: ``LDM_JAX_CONV_KERNEL_GRAD=taps`` (read when a function is traced). Both give the same
+values to float32 rounding. On GPU and TPU the stock lowering is always used.
 
 Usage: ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``; parameters are unchanged.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv_general_dilated", "conv2d_taps_weight_grad"]
+__all__ = ["conv_general_dilated", "conv2d_taps_weight_grad", "KERNEL_GRAD_ENV", "kernel_grad_mode"]
+
+KERNEL_GRAD_ENV = "LDM_JAX_CONV_KERNEL_GRAD"
+_MODES = ("xla", "taps")
+
+
+def kernel_grad_mode() -> str:
+    """``"xla"`` (default) or ``"taps"``, from the ``LDM_JAX_CONV_KERNEL_GRAD`` environment variable."""
+    mode = os.environ.get(KERNEL_GRAD_ENV, "xla").strip().lower() or "xla"
+    if mode not in _MODES:
+        raise ValueError(f"{KERNEL_GRAD_ENV} must be one of {_MODES}, got {mode!r}")
+    return mode
 
 
 def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
@@ -34,11 +48,12 @@ def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-    """Same signature and result as ``lax.conv_general_dilated``; NHWC/HWIO 2-D convolutions without
-    dilation or groups take the tap-matmul kernel gradient on the CPU backend."""
+    """Same signature and result as ``lax.conv_general_dilated``; with ``LDM_JAX_CONV_KERNEL_GRAD=taps``,
+    NHWC/HWIO 2-D convolutions without dilation or groups take the tap-matmul kernel gradient on the
+    CPU backend."""
     plain = (_is_nhwc_hwio(dimension_numbers, lhs.ndim) and feature_group_count == 1 and batch_group_count == 1
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
-             and preferred_element_type is None and jax.default_backend() == "cpu")
+             and preferred_element_type is None and jax.default_backend() == "cpu" and kernel_grad_mode() == "taps")
     if not plain:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count,
