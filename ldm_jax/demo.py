@@ -35,6 +35,7 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
     """Short run of the LDM autoencoder objective (pixel loss + KL; no GAN, no LPIPS at 32 px)."""
     from ml_collections import ConfigDict
 
+    from ldm_jax import xla_cpu
     from ldm_jax.config_utils import load_config
     from ldm_jax.models.autoencoder import AutoencoderKL
     from ldm_jax.train import vae_trainer
@@ -53,7 +54,8 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
     model = AutoencoderKL(**dict(cfg.vae))
     shape = (a.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
     state = jax.jit(lambda k: vae_trainer.create_train_state(ae_cfg, model, k, shape))(jax.random.key(cfg.seed))
-    step = jax.jit(vae_trainer.make_train_step(ae_cfg, model))
+    step = jax.jit(vae_trainer.make_train_step(ae_cfg, model),
+                   compiler_options=xla_cpu.compiler_options(a.get("ynn_fusions", ())))
     it = _data_iterator(cfg, tokenizer, a.batch_size, cfg.seed + 1, out_dir)
     from tqdm.auto import tqdm
 
@@ -133,6 +135,7 @@ def _pretrain_text_encoder(cfg, tokenizer, text_model, out_dir, log):
 def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     from ml_collections import ConfigDict
 
+    from ldm_jax import xla_cpu
     from ldm_jax.config_utils import load_config
     from ldm_jax.train import diffusion
 
@@ -145,6 +148,9 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
                            checkpoint_every=500, log_every=25))
     tcfg.train.min_snr_gamma = float(d.get("min_snr_gamma", 0.0))
     tcfg.train.decay_steps = _decay_steps(d)
+    opts = xla_cpu.compiler_options(d.get("ynn_fusions", ()))
+    if opts:
+        tcfg.train.compiler_options = opts
     tcfg.text_dropout = d.text_dropout
     tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]
