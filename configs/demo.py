@@ -22,7 +22,9 @@ def get_config():
                          ynn_fusions=("dot", "eltwise", "reduce"))
     # The frozen text encoder is first trained to read the training captions' attributes (the
     # stand-in for CLIP pretraining; a frozen *random* encoder cannot bind colours to objects).
-    c.text_pretrain = dict(steps=300, batch_size=64, lr=1e-3)
+    # 1000 steps: a linear probe then reads held-out captions' colour at 0.98 (0.68 after 300 steps),
+    # and generated held-out colour rises 0.50 -> 0.69 at guidance 3 (+62 s).
+    c.text_pretrain = dict(steps=1000, batch_size=64, lr=1e-3)
     # Min-SNR-5 loss weighting + cosine decay: mean accuracy at guidance 3 seen 0.61 -> 0.69, held-out
     # 0.57 -> 0.61 against the plain eps loss at a constant rate (same autoencoder, same 439 s).
     c.diffusion = dict(steps=2600, batch_size=16, lr=1e-3, warmup_steps=100, text_dropout=0.1, lr_decay="cosine",
