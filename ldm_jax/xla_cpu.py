@@ -31,7 +31,7 @@ def compiler_options(ynn_fusions: str | Sequence[str] | None, backend: str | Non
     for ``jax.jit(compiler_options=...)``; ``None`` when nothing is asked for or the backend
     (default: JAX's default backend) is not the CPU. Unknown fusion names raise ``ValueError``."""
     if isinstance(ynn_fusions, str):
-        ynn_fusions = [f for f in ynn_fusions.split(",")]
+        ynn_fusions = ynn_fusions.split(",")
     names = [str(f).strip().lower() for f in (ynn_fusions or ()) if str(f).strip()]
     unknown = sorted(set(names) - set(YNN_FUSION_TYPES))
     if unknown:

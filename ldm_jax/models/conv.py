@@ -51,10 +51,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """Same signature and result as ``lax.conv_general_dilated``; with ``LDM_JAX_CONV_KERNEL_GRAD=taps``,
     NHWC/HWIO 2-D convolutions without dilation or groups take the tap-matmul kernel gradient on the
     CPU backend."""
-    plain = (_is_nhwc_hwio(dimension_numbers, lhs.ndim) and feature_group_count == 1 and batch_group_count == 1
+    use_taps = (_is_nhwc_hwio(dimension_numbers, lhs.ndim) and feature_group_count == 1 and batch_group_count == 1
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and preferred_element_type is None and jax.default_backend() == "cpu" and kernel_grad_mode() == "taps")
-    if not plain:
+    if not use_taps:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count,
                                         precision, preferred_element_type)
