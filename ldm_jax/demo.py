@@ -132,17 +132,22 @@ def _pretrain_text_encoder(cfg, tokenizer, text_model, out_dir, log):
     return params, {"heldout_probe_accuracy": probe, "final": history[-1] if history else {}}
 
 
-def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
+def diffusion_train_config(cfg, tokenizer, out_dir: str):
+    """The trainer's config (:func:`ldm_jax.train.diffusion.train`) for the demo's diffusion stage.
+
+    The demo samples with ``cfg.scheduler``, so its ``prediction_type`` is also what the UNet is
+    trained to predict (the trainer's ``train.prediction_type`` would otherwise override it).
+    """
     from ml_collections import ConfigDict
 
     from ldm_jax import xla_cpu
     from ldm_jax.config_utils import load_config
-    from ldm_jax.train import diffusion
 
     d = cfg.diffusion
     tcfg = load_config(os.path.join(os.path.dirname(_CONFIG), "tiny_train.py"))
     for key in ("unet", "vae", "text_encoder", "scheduler"):
         tcfg[key] = ConfigDict(dict(cfg[key]))
+    tcfg.train.prediction_type = cfg.scheduler.get("prediction_type", "epsilon")
     tcfg.stages = [dict(resolution=cfg.data.image_size, steps=d.steps, batch_size=d.batch_size)]
     tcfg.train.update(dict(lr=d.lr, warmup_steps=d.warmup_steps, sample_every=0, tensorboard=True,
                            checkpoint_every=500, log_every=25))
@@ -151,9 +156,16 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     opts = xla_cpu.compiler_options(d.get("ynn_fusions", ()))
     if opts:
         tcfg.train.compiler_options = opts
-    tcfg.text_dropout = d.text_dropout
+    tcfg.train.text_dropout = float(d.text_dropout)
     tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]
+    return tcfg
+
+
+def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
+    from ldm_jax.train import diffusion
+
+    tcfg = diffusion_train_config(cfg, tokenizer, out_dir)
 
     def batches(config, stage, rows):
         it = _data_iterator(cfg, tokenizer, stage.batch_size, cfg.seed + 2, out_dir)

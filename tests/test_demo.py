@@ -33,3 +33,21 @@ def test_demo_end_to_end_tiny(tmp_path):
     again = run_demo(out, overrides=overrides)
     assert again["stages"]["autoencoder_s"] < metrics["stages"]["autoencoder_s"]
     assert again["text_encoder"]["heldout_probe_accuracy"] == probe  # reloaded, not retrained
+
+
+def test_demo_diffusion_config_reaches_the_trainer(tmp_path):
+    """The demo's scheduler prediction type and text dropout are what the trainer reads
+    (``config.train``), so training and the demo's sampling agree."""
+    from ldm_jax.config_utils import load_config
+    from ldm_jax.demo import _CONFIG, diffusion_train_config
+    from ldm_jax.models.tokenizer import PromptTokenizer
+    from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+
+    tok = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(str(tmp_path / "tok")))
+    cfg = load_config(_CONFIG, ["--config.scheduler.prediction_type=v_prediction",
+                                "--config.diffusion.text_dropout=0.25"])
+    tcfg = diffusion_train_config(cfg, tok, str(tmp_path))
+    assert tcfg.train.prediction_type == tcfg.scheduler.prediction_type == "v_prediction"
+    assert tcfg.train.text_dropout == 0.25
+    assert tcfg.train.min_snr_gamma == cfg.diffusion.min_snr_gamma
+    assert tcfg.stages[0]["steps"] == cfg.diffusion.steps and tcfg.train.decay_steps == cfg.diffusion.steps
