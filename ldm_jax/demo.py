@@ -162,10 +162,48 @@ def diffusion_train_config(cfg, tokenizer, out_dir: str):
     return tcfg
 
 
+def _fingerprint(*trees) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for tree in trees:
+        for leaf in jax.tree.leaves(tree):
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir) -> str:
+    """Encode the training split once with the frozen encoders (:mod:`ldm_jax.data.latents`: VAE
+    posterior moments, text context); returns the directory for ``data.cached_latents``. Reused
+    while the autoencoder and text encoder are the ones it was encoded with, redone otherwise."""
+    from ml_collections import ConfigDict
+
+    from ldm_jax.convert.diffusers_folder import LoadedModel
+    from ldm_jax.data import shapes_source
+    from ldm_jax.data.latents import ModelEncoder, encode_dataset
+
+    path = os.path.join(out_dir, "latents")
+    d = cfg.data
+    loaded = LoadedModel(config=ConfigDict({"vae": dict(cfg.vae), "text_encoder": dict(cfg.text_encoder)}),
+                         params={"vae": vae_params, "text_encoder": text_params}, source="demo")
+    encoder = ModelEncoder(loaded, tokenizer=tokenizer, devices=jax.local_devices()[:1])
+    info = dict(encoder.info, encoders=_fingerprint(vae_params, text_params))
+    meta = os.path.join(path, "metadata-00000.json")
+    stale = os.path.exists(meta) and json.load(open(meta))["signature"]["info"] != json.loads(json.dumps(info))
+    source = shapes_source(os.path.join(out_dir, "data"), "train", image_size=d.image_size, num_train=d.num_train,
+                           num_validation=d.num_validation, num_heldout=d.num_heldout, seed=d.seed,
+                           **_scene_options(cfg))
+    encode_dataset(source, encoder, path, image_size=d.image_size, batch_size=128, info=info, overwrite=stale,
+                   progress=True, num_threads=2)
+    return path
+
+
 def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     from ldm_jax.train import diffusion
 
     tcfg = diffusion_train_config(cfg, tokenizer, out_dir)
+    if cfg.diffusion.get("cached_latents", False):
+        tcfg.data.cached_latents = _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir)
 
     def batches(config, stage, rows):
         it = _data_iterator(cfg, tokenizer, stage.batch_size, cfg.seed + 2, out_dir)
@@ -187,7 +225,8 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
         return _Rows()
 
     state, history = diffusion.train(tcfg, os.path.join(out_dir, "diffusion"),
-                                     frozen={"text": text_params, "vae": vae_params}, batch_source_fn=batches,
+                                     frozen={"text": text_params, "vae": vae_params},
+                                     batch_source_fn=None if tcfg.data.cached_latents else batches,
                                      devices=jax.devices()[:1])
     if history:
         log("diffusion", history[-1])

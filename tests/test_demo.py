@@ -51,3 +51,55 @@ def test_demo_diffusion_config_reaches_the_trainer(tmp_path):
     assert tcfg.train.text_dropout == 0.25
     assert tcfg.train.min_snr_gamma == cfg.diffusion.min_snr_gamma
     assert tcfg.stages[0]["steps"] == cfg.diffusion.steps and tcfg.train.decay_steps == cfg.diffusion.steps
+
+
+def test_demo_latent_cache_follows_the_encoders(tmp_path):
+    """The diffusion stage's cached latents are the frozen encoders' outputs; a rerun with the same
+    encoders reuses them, a changed autoencoder re-encodes (never trains on stale latents)."""
+    import glob
+
+    import jax
+    import numpy as np
+
+    from ldm_jax.config_utils import load_config
+    from ldm_jax.data.latents import CachedLatentsSource
+    from ldm_jax.demo import _CONFIG, _cache_latents, caption_words
+    from ldm_jax.models.autoencoder import AutoencoderKL
+    from ldm_jax.models.clip_text import CLIPTextModel
+    from ldm_jax.models.tokenizer import PromptTokenizer
+    from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+
+    out = str(tmp_path)
+    cfg = load_config(_CONFIG, ["--config.data.num_train=40", "--config.data.num_validation=4",
+                                "--config.data.num_heldout=4"])
+    tok = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(os.path.join(out, "tokenizer"),
+                                                                    words=caption_words(cfg, 200)))
+    cfg.text_encoder.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vae, text = AutoencoderKL(**dict(cfg.vae)), CLIPTextModel(**dict(cfg.text_encoder))
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    vae_params = vae.init(jax.random.key(0), x)["params"]
+    text_params = text.init(jax.random.key(1), np.zeros((1, 77), np.int32))["params"]
+
+    path = _cache_latents(cfg, tok, vae_params, text_params, out)
+    src = CachedLatentsSource(path)
+    assert len(src) == 40 and src[0]["moments"].shape == (8, 8, 8) and src[0]["context"].shape == (77, 64)
+    first = np.stack([src[i]["moments"] for i in range(4)])
+    files = sorted(glob.glob(os.path.join(path, "*.array_record")))
+    stamp = [os.path.getmtime(f) for f in files]
+    assert _cache_latents(cfg, tok, vae_params, text_params, out) == path
+    assert [os.path.getmtime(f) for f in files] == stamp  # same encoders: reused
+
+    other = vae.init(jax.random.key(2), x)["params"]
+    _cache_latents(cfg, tok, other, text_params, out)
+    src = CachedLatentsSource(path)
+    again = np.stack([src[i]["moments"] for i in range(4)])
+    assert not np.allclose(again, first)  # re-encoded with the new autoencoder
+    # and the record is that autoencoder's posterior of that caption's image (mean, then logvar)
+    from ldm_jax.demo import _examples
+
+    by_caption = {ex["caption"]: ex["image"] for ex in _examples(cfg, "train", 40)}
+    rec = src[3]
+    image = by_caption[str(rec["caption"])][None].astype(np.float32) / 127.5 - 1.0
+    post = vae.apply({"params": other}, image, method=vae.encode)
+    np.testing.assert_allclose(rec["moments"][..., :4], np.asarray(post.mean)[0], atol=1e-5)
