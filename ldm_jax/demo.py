@@ -292,6 +292,16 @@ def autoencoder_ceiling(classifier, cfg, vae_params, num: int = 256, batch_size:
     return {k: float(v) for k, v in attribute_accuracy(classifier.predict(rec), labels_from_examples(examples)).items()}
 
 
+def classifier_real_accuracy(classifier, cfg, num: int = 256) -> dict:
+    """Attribute accuracy of the classifier on real validation images: how well the instrument
+    reads what the generated images are compared against (the other ceiling of every figure)."""
+    from ldm_jax.eval.attributes import attribute_accuracy, labels_from_examples
+
+    examples = _examples(cfg, "validation", num)
+    real = np.stack([ex["image"] for ex in examples])
+    return {k: float(v) for k, v in attribute_accuracy(classifier.predict(real), labels_from_examples(examples)).items()}
+
+
 def evaluate(pipe, classifier, cfg, out_dir: str) -> dict:
     """Attribute accuracy and classifier-space FID of generated images per split and guidance.
 
@@ -458,6 +468,8 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
                                    tokenizer)
     metrics: dict = {"stages": stages, "scaling_factor": float(cfg.vae.scaling_factor), "text_encoder": text_metrics}
     t = time.time()
+    metrics["classifier_real_accuracy"] = classifier_real_accuracy(classifier, cfg, num=min(256, cfg.data.num_validation))
+    log("attribute classifier on real validation images", metrics["classifier_real_accuracy"])
     metrics["autoencoder_roundtrip_accuracy"] = autoencoder_ceiling(classifier, cfg, vae_params,
                                                                     num=min(256, cfg.data.num_validation))
     log("autoencoder round trip (attribute accuracy)", metrics["autoencoder_roundtrip_accuracy"])
@@ -500,6 +512,12 @@ def _write_report(out_dir, cfg, metrics):
                 cells = "".join(f"<td>{v:.3f}</td>" for v in vals.values())
                 fid = metrics["fid_classifier"][split][g]
                 table.append(f"<tr><td>{split}</td><td>{g}</td>{cells}<td>{fid:.2f}</td></tr>")
+        keys = list(next(iter(next(iter(acc.values())).values())))
+        for name, key in (("real images (the classifier)", "classifier_real_accuracy"),
+                          ("autoencoder round trip", "autoencoder_roundtrip_accuracy")):
+            if key in metrics:  # the ceilings: validation images, read directly and after encode/decode
+                cells = "".join(f"<td>{metrics[key][k]:.3f}</td>" if k in metrics[key] else "<td></td>" for k in keys)
+                table.append(f"<tr><td>{name}</td><td></td>{cells}<td></td></tr>")
         bar = metrics.get("bar", {})
         rows.append(f"<h2>Attribute accuracy (bar passed: {bar.get('passed')})</h2><table border=1>"
                     + "".join(table) + "</table>")

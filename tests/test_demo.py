@@ -27,6 +27,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert 0.1 < saved["scaling_factor"] < 100
     assert metrics["diffusion_loss_last"] < metrics["diffusion_loss_first"]
     assert 0.0 <= saved["autoencoder_roundtrip_accuracy"]["mean"] <= 1.0
+    assert {"color", "shape", "position", "mean"} <= set(saved["classifier_real_accuracy"])
     probe = saved["text_encoder"]["heldout_probe_accuracy"]  # the pretrained frozen text encoder
     assert {"color", "shape", "position", "mean"} <= set(probe) and os.path.isfile(os.path.join(out, "text_encoder.npz"))
     # a second run reuses the trained autoencoder and the diffusion checkpoint
