@@ -53,10 +53,12 @@ def get_config():
     c.mesh = dict(data=-1)
     # Images (captions unused). source: "folder" (path, captions_file), "tar" (shards), "tfds" (name,
     # split, data_dir, image_key), "shapes" (built-in shapes_captions under data_dir, default
-    # workdir/data: num_train/num_validation/num_heldout, dataset_seed) or "synthetic" (num_images).
+    # workdir/data: num_train/num_validation/num_heldout, dataset_seed, max_shapes, shape_scale) or
+    # "synthetic" (num_images).
     # seed: shuffling and augmentation; image_size: shorter side resized, then a square crop.
     c.data = dict(source="folder", path="", captions_file="", shards="", name="", split="train", data_dir="",
                   image_key="", image_size=256, random_crop=True, random_flip=True, seed=0, num_threads=8,
-                  num_train=2000, num_validation=200, num_heldout=200, dataset_seed=0, num_images=256)
+                  num_train=2000, num_validation=200, num_heldout=200, dataset_seed=0, max_shapes=2,
+                  shape_scale=1.0, num_images=256)
     c.lpips = dict(vgg_path="", lin_path="")
     return c

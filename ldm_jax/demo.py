@@ -31,19 +31,15 @@ def _data_iterator(cfg, tokenizer, batch_size, seed, out_dir):
                          seed=seed, shuffle=True, random_flip=False, num_threads=2)
 
 
-def _train_autoencoder(cfg, tokenizer, out_dir, log):
-    """Short run of the LDM autoencoder objective (pixel loss + KL; no GAN, no LPIPS at 32 px)."""
+def autoencoder_train_config(cfg, out_dir: str):
+    """The demo's autoencoder stage as a :func:`ldm_jax.train.vae_trainer.train_autoencoder` config:
+    the LDM objective without GAN and LPIPS (pixel loss + KL, at 32 px), on the demo's dataset."""
     from ml_collections import ConfigDict
 
     from ldm_jax import xla_cpu
     from ldm_jax.config_utils import load_config
-    from ldm_jax.models.autoencoder import AutoencoderKL
-    from ldm_jax.train import vae_trainer
 
-    path = os.path.join(out_dir, "autoencoder.npz")
-    if os.path.exists(path):
-        return _load_params(path), _history(out_dir, "autoencoder")
-    a = cfg.autoencoder
+    a, d = cfg.autoencoder, cfg.data
     ae_cfg = load_config(os.path.join(os.path.dirname(_CONFIG), "tiny_autoencoder.py"))
     ae_cfg.vae = ConfigDict(dict(cfg.vae))
     ae_cfg.loss.perceptual_weight = 0.0
@@ -51,23 +47,33 @@ def _train_autoencoder(cfg, tokenizer, out_dir, log):
     ae_cfg.loss.disc_start = 10 ** 9
     ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.get("b1", 0.5), b2=a.get("b2", 0.9),
                         decay_steps=_decay_steps(a))
-    model = AutoencoderKL(**dict(cfg.vae))
-    shape = (a.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
-    state = jax.jit(lambda k: vae_trainer.create_train_state(ae_cfg, model, k, shape))(jax.random.key(cfg.seed))
-    step = jax.jit(vae_trainer.make_train_step(ae_cfg, model),
-                   compiler_options=xla_cpu.compiler_options(a.get("ynn_fusions", ())))
-    it = _data_iterator(cfg, tokenizer, a.batch_size, cfg.seed + 1, out_dir)
-    from tqdm.auto import tqdm
+    ae_cfg.train.update(num_steps=int(a.steps), batch_size=int(a.batch_size), seed=int(cfg.seed), log_every=20,
+                        checkpoint_every=1000, keep_checkpoints=1, keep_every=0, image_every=0,
+                        compiler_options=xla_cpu.compiler_options(a.get("ynn_fusions", ())))
+    ae_cfg.data.update(source="shapes", data_dir=os.path.join(out_dir, "data"), image_size=d.image_size,
+                       num_train=d.num_train, num_validation=d.num_validation, num_heldout=d.num_heldout,
+                       dataset_seed=d.seed, seed=cfg.seed + 1, random_crop=False, random_flip=False, num_threads=2,
+                       **_scene_options(cfg))
+    return ae_cfg
 
-    history = []
-    for i in tqdm(range(a.steps), desc="autoencoder", dynamic_ncols=True):
-        state, metrics = step(state, {"image": jnp.asarray(next(it)["image"])})
-        if i % 20 == 0 or i == a.steps - 1:
-            history.append(dict(step=i, **{k: float(v) for k, v in jax.device_get(metrics).items()}))
+
+def _train_autoencoder(cfg, out_dir, log):
+    """The tiny KL autoencoder, trained with the library's resumable loop (checkpoints under
+    ``out_dir/autoencoder``: an interrupted demo continues where it stopped)."""
+    from ldm_jax.models.autoencoder import AutoencoderKL
+    from ldm_jax.train import vae_trainer
+
+    path = os.path.join(out_dir, "autoencoder.npz")
+    if os.path.exists(path):
+        return _load_params(path), _history(out_dir, "autoencoder")
+    state, history = vae_trainer.train_autoencoder(autoencoder_train_config(cfg, out_dir),
+                                                   os.path.join(out_dir, "autoencoder"),
+                                                   AutoencoderKL(**dict(cfg.vae)), devices=jax.devices()[:1])
     params = jax.device_get(state.params["ae"])
     _save_params(path, params)
-    _history(out_dir, "autoencoder", history)
-    log("autoencoder", history[-1])
+    history = _history(out_dir, "autoencoder", history)
+    if history:
+        log("autoencoder", history[-1])
     return params, history
 
 
@@ -445,7 +451,7 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     stages["data_s"] = time.time() - t
 
     t = time.time()
-    vae_params, ae_hist = _train_autoencoder(cfg, tokenizer, out_dir, log)
+    vae_params, ae_hist = _train_autoencoder(cfg, out_dir, log)
     stages["autoencoder_s"] = time.time() - t
     if cfg.get("auto_scaling_factor", True):
         real = np.stack([ex["image"] for ex in _examples(cfg, "train", min(512, cfg.data.num_train))])

@@ -28,6 +28,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert metrics["diffusion_loss_last"] < metrics["diffusion_loss_first"]
     assert 0.0 <= saved["autoencoder_roundtrip_accuracy"]["mean"] <= 1.0
     assert {"color", "shape", "position", "mean"} <= set(saved["classifier_real_accuracy"])
+    assert os.path.isdir(os.path.join(out, "autoencoder", "checkpoints"))  # the AE stage resumes after a crash
     probe = saved["text_encoder"]["heldout_probe_accuracy"]  # the pretrained frozen text encoder
     assert {"color", "shape", "position", "mean"} <= set(probe) and os.path.isfile(os.path.join(out, "text_encoder.npz"))
     # a second run reuses the trained autoencoder and the diffusion checkpoint
@@ -52,6 +53,16 @@ def test_demo_diffusion_config_reaches_the_trainer(tmp_path):
     assert tcfg.train.text_dropout == 0.25
     assert tcfg.train.min_snr_gamma == cfg.diffusion.min_snr_gamma
     assert tcfg.stages[0]["steps"] == cfg.diffusion.steps and tcfg.train.decay_steps == cfg.diffusion.steps
+    # the autoencoder stage trains on the demo's scenes (one shape, drawn at shape_scale), not the defaults'
+    from ldm_jax.demo import autoencoder_train_config
+    from ldm_jax.train.vae_trainer import make_source
+
+    ae = autoencoder_train_config(cfg, str(tmp_path))
+    assert ae.train.num_steps == cfg.autoencoder.steps and ae.train.batch_size == cfg.autoencoder.batch_size
+    assert (ae.data.max_shapes, ae.data.shape_scale, ae.data.image_size) == (1, cfg.data.shape_scale, 32)
+    assert ae.train.compiler_options  # YNNPACK fusions on CPU
+    ae.data.update(num_train=8, num_validation=2, num_heldout=2)
+    assert "s32_n8-2-2_seed0_max1_scale1.15" in repr(make_source(ae, str(tmp_path)))  # the dataset it builds
 
 
 def test_demo_latent_cache_follows_the_encoders(tmp_path):

@@ -448,7 +448,8 @@ def make_source(config, workdir: str | None = None):
 
     - ``shapes``: the built-in ``shapes_captions`` (built on first use under ``data_dir``, default
       ``workdir/data``) at ``image_size`` with ``num_train``/``num_validation``/``num_heldout``
-      examples and generation seed ``dataset_seed``; ``split`` (default ``train``).
+      examples, generation seed ``dataset_seed``, ``max_shapes`` per scene and ``shape_scale``;
+      ``split`` (default ``train``).
     - ``folder``: images under ``path`` (captions optional), see :class:`ldm_jax.data.FolderSource`.
     - ``tar``: webdataset ``shards`` (glob or list), see :class:`ldm_jax.data.TarShardSource`.
     - ``tfds``: prepared tfds dataset ``name`` (``split``, ``data_dir``, ``image_key``).
@@ -465,7 +466,8 @@ def make_source(config, workdir: str | None = None):
         src = sources.shapes_source(data_dir, d.get("split", "train"), image_size=int(d.image_size),
                                     num_train=int(d.get("num_train", 2000)),
                                     num_validation=int(d.get("num_validation", 200)),
-                                    num_heldout=int(d.get("num_heldout", 200)), seed=int(d.get("dataset_seed", 0)))
+                                    num_heldout=int(d.get("num_heldout", 200)), seed=int(d.get("dataset_seed", 0)),
+                                    max_shapes=int(d.get("max_shapes", 2)), shape_scale=float(d.get("shape_scale", 1.0)))
     elif kind == "folder":
         if not d.get("path"):
             raise ValueError("data.source 'folder' needs data.path")
