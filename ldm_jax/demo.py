@@ -381,9 +381,12 @@ def _classifier(cfg, out_dir: str):
             return AttributeClassifier.load(path)
         except Exception as err:  # a half-written file from a crash: retrain
             print(f"[demo] retraining the attribute classifier ({err})")
+    from ldm_jax import xla_cpu
+
     c = cfg.eval
     clf = train_attribute_classifier(cfg.data.image_size, seed=cfg.seed, num_images=c.classifier_images,
                                      steps=c.classifier_steps, batch_size=c.get("classifier_batch_size", 64),
+                                     compiler_options=xla_cpu.compiler_options(c.get("ynn_fusions", ())),
                                      **_scene_options(cfg))
     clf.save(path)
     return clf

@@ -9,6 +9,7 @@ space of a FID between generated and real images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -131,7 +132,7 @@ class AttributeClassifier:
 def train_attribute_classifier(image_size: int, seed: int = 0, num_images: int = 4000, steps: int = 600,
                                batch_size: int = 64, lr: float = 2e-3, max_shapes: int = 1,
                                augment: bool = True, shape_scale: float = 1.0,
-                               progress: bool = True) -> AttributeClassifier:
+                               progress: bool = True, compiler_options: dict | None = None) -> AttributeClassifier:
     """Train on ``num_images`` real train-split scenes (``make_example(seed, "train", i, ...)``).
 
     Every colour and shape occurs in the train split, but some (shape, colour) *pairs* never do;
@@ -143,6 +144,8 @@ def train_attribute_classifier(image_size: int, seed: int = 0, num_images: int =
     (sigma up to 0.12 of the [-1,1] range) and colour-shifted (up to 0.05 per channel): real scenes are exact palette colours
     with hard edges, and a reader trained only on those misreads any generator's soft, slightly
     off-colour output (Gaussian noise of sigma 0.1 alone halves its accuracy).
+
+    ``compiler_options``: XLA options of the jitted step (e.g. :func:`ldm_jax.xla_cpu.compiler_options`).
     """
     from tqdm.auto import tqdm
 
@@ -161,7 +164,7 @@ def train_attribute_classifier(image_size: int, seed: int = 0, num_images: int =
         _, logits = module.apply({"params": p}, x)
         return sum(optax.softmax_cross_entropy_with_integer_labels(logits[k], y[k]).mean() for k in HEADS)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(p, o, x, y, key):
         if augment:
             x = _augment(x, key)
