@@ -2,24 +2,31 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install test demo clean
 
+# The runtime (all `make demo` needs: the library never imports torch) ...
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(STAMP)
+
+# ... and the test extras on top: CPU torch, diffusers and transformers as numerical references.
+$(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test]'
 	# lpips (the LPIPS reference) without its torchvision dependency: PyPI's torchvision does not
 	# match the local CPU torch; tests give lpips the VGG16 layout it needs.
 	$(PY) -m pip install -q --no-deps lpips==0.1.4
 	# pytorch-fid (the FID reference) + torchvision's pure-Python models, kept off sys.path (tests/reference_pkgs.py).
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/reference_pkgs torchvision==0.28.0 pytorch-fid==0.3.0
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
 # glibc's huge-page malloc: XLA:CPU steps 1.3-1.5x faster (ldm_jax/malloc_env.py); `ldm-jax` sets it itself.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
