@@ -194,12 +194,19 @@ def _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir) -> str:
                          params={"vae": vae_params, "text_encoder": text_params}, source="demo")
     encoder = ModelEncoder(loaded, tokenizer=tokenizer, devices=jax.local_devices()[:1])
     info = dict(encoder.info, encoders=_fingerprint(vae_params, text_params))
-    meta = os.path.join(path, "metadata-00000.json")
-    stale = os.path.exists(meta) and json.load(open(meta))["signature"]["info"] != json.loads(json.dumps(info))
+
+    def stale(name):  # a finished or interrupted encoding by other encoders
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            return False
+        with open(f) as fh:
+            return json.load(fh)["signature"]["info"] != json.loads(json.dumps(info))
+
     source = shapes_source(os.path.join(out_dir, "data"), "train", image_size=d.image_size, num_train=d.num_train,
                            num_validation=d.num_validation, num_heldout=d.num_heldout, seed=d.seed,
                            **_scene_options(cfg))
-    encode_dataset(source, encoder, path, image_size=d.image_size, batch_size=128, info=info, overwrite=stale,
+    encode_dataset(source, encoder, path, image_size=d.image_size, batch_size=128, info=info,
+                   overwrite=stale("metadata-00000.json") or stale("progress-00000.json"),
                    progress=True, num_threads=2)
     return path
 
