@@ -19,16 +19,21 @@ import numpy as np
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
 
-def _data_iterator(cfg, tokenizer, batch_size, seed, out_dir):
-    from ldm_jax.data import make_iterator, shapes_source
+def _train_source(cfg, out_dir):
+    """The demo's ``shapes_captions`` training split (built under ``out_dir/data`` on first use)."""
+    from ldm_jax.data import shapes_source
 
     d = cfg.data
-    extra = _scene_options(cfg)
-    source = shapes_source(os.path.join(out_dir, "data"), "train", image_size=d.image_size,
-                           num_train=d.num_train, num_validation=d.num_validation,
-                           num_heldout=d.num_heldout, seed=d.seed, **extra)
-    return make_iterator(source, global_batch_size=batch_size, image_size=d.image_size, tokenizer=tokenizer,
-                         seed=seed, shuffle=True, random_flip=False, num_threads=2)
+    return shapes_source(os.path.join(out_dir, "data"), "train", image_size=d.image_size, num_train=d.num_train,
+                         num_validation=d.num_validation, num_heldout=d.num_heldout, seed=d.seed,
+                         **_scene_options(cfg))
+
+
+def _data_iterator(cfg, tokenizer, batch_size, seed, out_dir):
+    from ldm_jax.data import make_iterator
+
+    return make_iterator(_train_source(cfg, out_dir), global_batch_size=batch_size, image_size=cfg.data.image_size,
+                         tokenizer=tokenizer, seed=seed, shuffle=True, random_flip=False, num_threads=2)
 
 
 def autoencoder_train_config(cfg, out_dir: str):
@@ -185,7 +190,6 @@ def _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir) -> str:
     from ml_collections import ConfigDict
 
     from ldm_jax.convert.diffusers_folder import LoadedModel
-    from ldm_jax.data import shapes_source
     from ldm_jax.data.latents import ModelEncoder, encode_dataset
 
     path = os.path.join(out_dir, "latents")
@@ -202,10 +206,7 @@ def _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir) -> str:
         with open(f) as fh:
             return json.load(fh)["signature"]["info"] != json.loads(json.dumps(info))
 
-    source = shapes_source(os.path.join(out_dir, "data"), "train", image_size=d.image_size, num_train=d.num_train,
-                           num_validation=d.num_validation, num_heldout=d.num_heldout, seed=d.seed,
-                           **_scene_options(cfg))
-    encode_dataset(source, encoder, path, image_size=d.image_size, batch_size=128, info=info,
+    encode_dataset(_train_source(cfg, out_dir), encoder, path, image_size=d.image_size, batch_size=128, info=info,
                    overwrite=stale("metadata-00000.json") or stale("progress-00000.json"),
                    progress=True, num_threads=2)
     return path
