@@ -95,3 +95,39 @@ def test_blocked_backward_bf16_upcast_close_to_float32():
     for g, r in zip(got, ref):
         assert g.dtype == jnp.float32  # grads come back in the inputs' dtype
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=5e-2, rtol=5e-2)
+
+
+def test_block_plan():
+    from ldm_jax.models.attention import BLOCK_ELEMENTS, block_plan
+
+    assert block_plan(32, 1024, 1024) == (1, 1024)  # SD's 32x32-latent self-attention: one head per block
+    assert block_plan(32, 256, 256) == (16, 256)  # two blocks at least, for both cores
+    assert block_plan(32, 1024, 77) == (16, 1024)
+    assert block_plan(16, 4096, 4096) == (1, 256)  # 64x64 latents: query blocks of a power of two
+    assert block_plan(1, 10, 10) == (1, 10)
+    assert block_plan(32, 1024, 1024, chunk_size=64) == (32, 64)  # an explicit chunk: all heads, as asked
+    for bh, lq, lk in [(6, 37, 11), (32, 4096, 4096), (7, 5000, 300), (2, 3, 10 ** 7)]:
+        g, c = block_plan(bh, lq, lk)
+        assert bh % g == 0 and 1 <= c <= lq
+        assert g == 1 or g * c * lk <= BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize("q_len,block_elements,plan", [(37, 37 * 11 * 2, (2, 37)), (37, 4 * 11 * 2, (1, 8))])
+def test_head_and_query_blocks(q_len, block_elements, plan):
+    """Blocks of two heads (outer loop only), and of one head x 8 queries (inner loop, padded last
+    block): values and gradients against the einsum implementation."""
+    from ldm_jax.models.attention import block_plan
+
+    q, k, v = (jnp.asarray(a) for a in _inputs(seed=3, lq=q_len, lk=11, h=3))
+    assert block_plan(6, q_len, 11, block_elements=block_elements) == plan
+    d_out = jax.random.normal(jax.random.key(5), q.shape)
+
+    def grads(impl, **kw):
+        out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, impl=impl, **kw), q, k, v)
+        return (out, *vjp(d_out))
+
+    got = jax.jit(lambda: grads("chunked", block_elements=block_elements))()
+    want = jax.jit(lambda: grads("xla"))()
+    np.testing.assert_allclose(np.asarray(got[0]), _naive(q, k, v), atol=1e-5, rtol=0)
+    for g, w, name in zip(got, want, ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5, err_msg=f"{plan} {name}")
