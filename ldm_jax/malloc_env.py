@@ -1,16 +1,24 @@
-"""glibc's huge-page malloc for CPU runs: a process setting that has to exist before Python starts.
+"""glibc malloc settings for CPU runs: process settings that have to exist before Python starts.
 
 On Linux with transparent huge pages in ``madvise`` mode (the common default), XLA:CPU's freed and
 re-allocated activation buffers come back as fresh 4 KiB pages, and every step pays a page fault
-per page. The demo's autoencoder step (16-32 channels at 32x32, batch 16) took 1.44 million minor
-faults in 30 steps, 40% of its CPU time in the kernel. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-(glibc >= 2.35) malloc asks for transparent huge pages: 12.9 thousand faults, and the step went from
-153 to 100 ms; the demo's UNet step from 177 to 136 ms. Numerics are unchanged.
+per page. :data:`MALLOC_TUNABLES` (glibc >= 2.35) asks for transparent huge pages
+(``glibc.malloc.hugetlb=1``) and keeps freed memory in the process instead of handing it back to
+the kernel between steps: blocks up to 32 MiB come from the heap rather than from a fresh ``mmap``
+each (``mmap_threshold``), and the heap keeps 64 MiB of slack and is trimmed only past 256 MiB
+free (``top_pad``, ``trim_threshold``). Measured on the 2-core development machine:
 
-glibc reads the variable once, at start-up, so the ``ldm-jax`` command re-executes itself with it
-(:func:`reexec_with_hugepage_malloc`); ``make test`` sets it for pytest. Python API users on CPU set
-it themselves: ``export GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. ``LDM_JAX_HUGEPAGE_MALLOC=0``
-turns the re-execution off.
+- ``hugetlb=1`` alone: the demo's autoencoder step (16-32 channels at 32x32, batch 16) went from
+  1.44 million minor faults in 30 steps (40% of its CPU time in the kernel) to 12.9 thousand, 153
+  -> 100 ms per step; the demo's UNet step 177 -> 136 ms.
+- But it left steps bimodal from one process to the next, depending on where the buffers landed:
+  the sampling benchmark's call took 1.7 s in some processes and 2.75 s in others, 1024-token
+  self-attention 15-17 or 35-38 ms. With the heap settings: 1.66-1.74 s in 9 of 9 processes.
+
+Numerics are unchanged. glibc reads the variable once, at start-up, so the ``ldm-jax`` command
+re-executes itself with it (:func:`reexec_with_hugepage_malloc`); ``make test`` sets it for pytest.
+Python API users on CPU set it themselves: ``export GLIBC_TUNABLES=<MALLOC_TUNABLES>``.
+``LDM_JAX_HUGEPAGE_MALLOC=0`` turns the re-execution off.
 """
 from __future__ import annotations
 
@@ -19,9 +27,10 @@ import platform
 import sys
 from typing import Mapping, Sequence
 
-__all__ = ["HUGEPAGE_TUNABLE", "hugepage_malloc_env", "reexec_with_hugepage_malloc"]
+__all__ = ["MALLOC_TUNABLES", "hugepage_malloc_env", "reexec_with_hugepage_malloc"]
 
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:"
+                   "glibc.malloc.top_pad=67108864:glibc.malloc.trim_threshold=268435456")
 _OPT_OUT = "LDM_JAX_HUGEPAGE_MALLOC"
 
 
@@ -38,7 +47,7 @@ def _glibc_has_hugetlb_tunable(libc: tuple[str, str]) -> bool:
 
 def hugepage_malloc_env(environ: Mapping[str, str], system: str | None = None,
                         libc: tuple[str, str] | None = None) -> dict[str, str] | None:
-    """``environ`` plus :data:`HUGEPAGE_TUNABLE` in ``GLIBC_TUNABLES`` (appended to any tunables
+    """``environ`` plus :data:`MALLOC_TUNABLES` in ``GLIBC_TUNABLES`` (appended to any tunables
     already there), or None when nothing should change: already set (any ``glibc.malloc.hugetlb``
     value, so a user's choice wins), opted out with ``LDM_JAX_HUGEPAGE_MALLOC=0``, not Linux, or a
     libc without the tunable (musl, glibc < 2.35)."""
@@ -49,7 +58,7 @@ def hugepage_malloc_env(environ: Mapping[str, str], system: str | None = None,
             or "glibc.malloc.hugetlb=" in tunables):
         return None
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
+    env["GLIBC_TUNABLES"] = f"{tunables}:{MALLOC_TUNABLES}" if tunables else MALLOC_TUNABLES
     return env
 
 

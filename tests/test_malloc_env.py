@@ -8,19 +8,19 @@ import textwrap
 import pytest
 
 from ldm_jax import cli
-from ldm_jax.malloc_env import HUGEPAGE_TUNABLE, hugepage_malloc_env
+from ldm_jax.malloc_env import MALLOC_TUNABLES, hugepage_malloc_env
 
 GLIBC = ("glibc", "2.36")
 
 
 def test_adds_the_tunable():
     env = hugepage_malloc_env({"PATH": "/bin"}, "Linux", GLIBC)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": HUGEPAGE_TUNABLE}
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": MALLOC_TUNABLES}
 
 
 def test_appends_to_existing_tunables():
     env = hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "Linux", GLIBC)
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + HUGEPAGE_TUNABLE
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + MALLOC_TUNABLES
 
 
 @pytest.mark.parametrize("environ, system, libc", [
@@ -51,7 +51,7 @@ def test_reexec_replaces_the_process(tmp_path):
     if hugepage_malloc_env(env) is None:  # not glibc >= 2.35 on Linux: nothing to do, the caller goes on
         assert out.stdout.strip() == "NOT REPLACED"
     else:
-        assert json.loads(out.stdout) == {"tunables": HUGEPAGE_TUNABLE, "argv": ["a", "b c"]}
+        assert json.loads(out.stdout) == {"tunables": MALLOC_TUNABLES, "argv": ["a", "b c"]}
 
 
 def test_console_entry_point_reexecs_before_any_work(monkeypatch):
@@ -74,4 +74,10 @@ def test_console_entry_point_reexecs_before_any_work(monkeypatch):
         pytest.skip("no glibc >= 2.35 here: the entry point runs main directly")
     with pytest.raises(Replaced):
         cli.run()
-    assert calls == [(sys.executable, [sys.executable, "-m", "ldm_jax.cli", "demo", "--out", "x"], HUGEPAGE_TUNABLE)]
+    assert calls == [(sys.executable, [sys.executable, "-m", "ldm_jax.cli", "demo", "--out", "x"], MALLOC_TUNABLES)]
+
+
+def test_make_test_uses_the_same_tunables():
+    """``make test`` sets the variable itself (pytest is no ``ldm-jax`` re-exec): the same string."""
+    makefile = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")).read()
+    assert f"$$GLIBC_TUNABLES:}}{MALLOC_TUNABLES} " in makefile
