@@ -106,20 +106,26 @@ def test_block_plan():
     assert block_plan(16, 4096, 4096) == (1, 256)  # 64x64 latents: query blocks of a power of two
     assert block_plan(1, 10, 10) == (1, 10)
     assert block_plan(32, 1024, 1024, chunk_size=64) == (32, 64)  # an explicit chunk: all heads, as asked
+    assert block_plan(32, 1024, 1024, min_heads=4) == (4, 256)  # the backward pass with small heads
     for bh, lq, lk in [(6, 37, 11), (32, 4096, 4096), (7, 5000, 300), (2, 3, 10 ** 7)]:
         g, c = block_plan(bh, lq, lk)
         assert bh % g == 0 and 1 <= c <= lq
         assert g == 1 or g * c * lk <= BLOCK_ELEMENTS
 
 
-@pytest.mark.parametrize("q_len,block_elements,plan", [(37, 37 * 11 * 2, (2, 37)), (37, 4 * 11 * 2, (1, 8))])
-def test_head_and_query_blocks(q_len, block_elements, plan):
-    """Blocks of two heads (outer loop only), and of one head x 8 queries (inner loop, padded last
-    block): values and gradients against the einsum implementation."""
-    from ldm_jax.models.attention import block_plan
+@pytest.mark.parametrize("q_len,block_elements,plans,d", [
+    (37, 37 * 11 * 2, (2, 37, 2, 37), 8),  # two heads per block, no query loop
+    (37, 4 * 11 * 2, (1, 8, 1, 8), 8),  # one head x 8 queries, padded last block
+    (32, 32 * 11 * 2, (2, 32, 3, 16), 8),  # the backward pass blocked apart: 3 heads x 16 queries
+    (32, 32 * 11 * 2, (2, 32, 2, 32), 32),  # heads above SMALL_HEAD_DIM: matmul backward
+])
+def test_head_and_query_blocks(q_len, block_elements, plans, d):
+    """Blocks of heads x queries in the forward and the backward pass: values and gradients against
+    the einsum implementation."""
+    from ldm_jax.models.attention import block_plans
 
-    q, k, v = (jnp.asarray(a) for a in _inputs(seed=3, lq=q_len, lk=11, h=3))
-    assert block_plan(6, q_len, 11, block_elements=block_elements) == plan
+    q, k, v = (jnp.asarray(a) for a in _inputs(seed=3, lq=q_len, lk=11, h=3, d=d))
+    assert block_plans(6, q_len, 11, d, block_elements=block_elements) == plans
     d_out = jax.random.normal(jax.random.key(5), q.shape)
 
     def grads(impl, **kw):
@@ -130,4 +136,4 @@ def test_head_and_query_blocks(q_len, block_elements, plan):
     want = jax.jit(lambda: grads("xla"))()
     np.testing.assert_allclose(np.asarray(got[0]), _naive(q, k, v), atol=1e-5, rtol=0)
     for g, w, name in zip(got, want, ("out", "dq", "dk", "dv")):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5, err_msg=f"{plan} {name}")
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5, err_msg=f"{plans} {name}")

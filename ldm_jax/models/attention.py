@@ -47,23 +47,27 @@ def _dot_product(q, k, v, mask, scale, upcast):
 # 2-core development machine (batch 4, 8 heads): 1024 tokens 21 -> 17 ms, 256 tokens 4.4 -> 1.6 ms,
 # 1024x77 cross-attention 5.1 -> 2.3 ms against 64-query blocks over all heads.
 BLOCK_ELEMENTS = 3 << 19
+# Head dimensions up to this take the multiply-reduce backward (see _backward_block).
+SMALL_HEAD_DIM = 16
 
 
 def block_plan(batch_heads: int, q_len: int, kv_len: int, chunk_size: int | None = None,
-               block_elements: int = BLOCK_ELEMENTS) -> tuple[int, int]:
+               block_elements: int = BLOCK_ELEMENTS, min_heads: int = 1) -> tuple[int, int]:
     """-> (heads per block, queries per block) for the unmasked blocked attention.
 
     ``chunk_size`` given: that many queries per block over all heads. Otherwise blocks of about
-    ``block_elements`` logits: all queries when one head's ``[q_len, kv_len]`` fits (else a power
-    of two of them), and as many heads (a divisor of ``batch_heads``) as fit, leaving at least two
-    blocks so both halves of a 2-core pool have work.
+    ``block_elements`` logits: all queries when ``min_heads`` heads' ``[q_len, kv_len]`` fit (else a
+    power of two of them), and as many heads (a divisor of ``batch_heads``) as fit, leaving at
+    least two blocks so both halves of a 2-core pool have work.
     """
     if chunk_size is not None:
         return batch_heads, max(1, min(int(chunk_size), q_len))
-    if q_len * kv_len <= block_elements:
+    min_heads = max(1, min(int(min_heads), batch_heads))
+    if q_len * kv_len * min_heads <= block_elements:
         queries = q_len
     else:
-        queries = min(q_len, max(8, 1 << max(0, (block_elements // kv_len).bit_length() - 1)))
+        fit = block_elements // (kv_len * min_heads)
+        queries = min(q_len, max(8, 1 << max(0, fit.bit_length() - 1)))
     n_query_blocks = -(-q_len // queries)
     heads = 1
     for g in range(batch_heads, 0, -1):
@@ -72,6 +76,21 @@ def block_plan(batch_heads: int, q_len: int, kv_len: int, chunk_size: int | None
             heads = g
             break
     return heads, queries
+
+
+def block_plans(batch_heads: int, q_len: int, kv_len: int, head_dim: int, chunk_size: int | None = None,
+                block_elements: int = BLOCK_ELEMENTS) -> tuple[int, int, int, int]:
+    """-> (heads, queries) per block of the forward pass, then of the backward pass.
+
+    The backward pass blocks the padded queries on its own: with heads of at most
+    :data:`SMALL_HEAD_DIM` its reductions need several heads per block (see ``_backward_block``).
+    It keeps the forward plan when its query block would not divide the padded queries.
+    """
+    heads, queries = block_plan(batch_heads, q_len, kv_len, chunk_size, block_elements)
+    padded = -(-q_len // queries) * queries
+    small = head_dim <= SMALL_HEAD_DIM and chunk_size is None
+    backward = block_plan(batch_heads, padded, kv_len, chunk_size, block_elements, min_heads=4 if small else 1)
+    return (heads, queries, *(backward if padded % backward[1] == 0 else (heads, queries)))
 
 
 def _chunked(q, k, v, mask, scale, upcast, chunk, block_elements=BLOCK_ELEMENTS):
@@ -87,11 +106,12 @@ def _chunked(q, k, v, mask, scale, upcast, chunk, block_elements=BLOCK_ELEMENTS)
     dtype = q.dtype
     compute = jnp.float32 if upcast else dtype
     if mask is None:
-        heads, queries = block_plan(b * h, q_len, k.shape[1], chunk, block_elements)
-        pad = -q_len % queries
+        plans = block_plans(b * h, q_len, k.shape[1], d, chunk, block_elements)
+        pad = -q_len % plans[1]
         heads_major = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], d)  # noqa: E731
         qh = jnp.pad(heads_major(q.astype(compute) * jnp.asarray(scale, compute)), ((0, 0), (0, pad), (0, 0)))
-        out = _blocked_attention(qh, heads_major(k.astype(compute)), heads_major(v.astype(compute)), heads, queries)
+        out = _blocked_attention(qh, heads_major(k.astype(compute)), heads_major(v.astype(compute)),
+                                 plans)
         return out[:, :q_len].reshape(b, h, q_len, d).transpose(0, 2, 1, 3).astype(dtype)
     chunk = 64 if chunk is None else int(chunk)
     if q_len <= chunk:
@@ -170,38 +190,57 @@ def _blocked_forward(qh, kh, vh, heads, queries):
     return _from_blocks(out), _from_blocks(lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _blocked_attention(qh, kh, vh, heads, queries):
-    """softmax(qh kh^T) vh over heads-major ``[BH, L, D]`` arrays, ``qh`` pre-scaled, in blocks of
-    ``heads`` heads x ``queries`` queries (:func:`block_plan`).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_attention(qh, kh, vh, plan):
+    """softmax(qh kh^T) vh over heads-major ``[BH, L, D]`` arrays, ``qh`` pre-scaled; ``plan`` =
+    (heads, queries) per block of the forward pass, then of the backward pass (:func:`block_plan`).
 
     The backward pass recomputes each block's probabilities from the saved log-sum-exp and
     accumulates dK, dV across a head group's query blocks (as flash attention does). XLA's autodiff
     of the forward scan instead materialises and transposes every block's ``[C, Lk]`` tensors
     several times; this is 1.5-2.5x faster on CPU (measured at 256 and 1024 tokens).
     """
-    return _blocked_forward(qh, kh, vh, heads, queries)[0]
+    return _blocked_forward(qh, kh, vh, *plan[:2])[0]
 
 
-def _blocked_attention_fwd(qh, kh, vh, heads, queries):
-    out, lse = _blocked_forward(qh, kh, vh, heads, queries)
+def _blocked_attention_fwd(qh, kh, vh, plan):
+    out, lse = _blocked_forward(qh, kh, vh, *plan[:2])
     return out, (qh, kh, vh, out, lse)
 
 
 def _backward_block(carry, xs, kk, vv):
+    """Gradients of one block of ``G`` heads x ``C`` queries; dK, dV accumulate in the carry.
+
+    With a small head dimension ``D`` the three products that contract the long axis (dV = P^T dO,
+    dQ = dS K, dK = dS^T Q) have only ``D`` output columns, which XLA:CPU's matmuls run at a few
+    GFLOP/s; as ``D`` multiply-reduce passes over the block that XLA fuses with the
+    probabilities they are 1.3-2.6x faster for D = 16..4 (the tiny training UNet's 256-token
+    self-attention with 4-dim heads, forward and backward: 56 -> 22 ms). They need several heads per
+    block (the backward plan asks for at least 4): with one head of 1024 queries the query-axis
+    reductions run 10x slower than the matmuls.
+    """
     dk, dv = carry
     qq, dd, ll, dl = xs
     p = jnp.exp(_bmm(qq, kk, 2, 2).astype(jnp.float32) - ll[..., None])
-    dv = dv + _bmm(p.astype(dd.dtype), dd, 1, 1).astype(jnp.float32)
     dp = _bmm(dd, vv, 2, 2).astype(jnp.float32)
-    ds = (p * (dp - dl[..., None])).astype(qq.dtype)
+    ds = p * (dp - dl[..., None])
+    if qq.shape[-1] <= SMALL_HEAD_DIM:
+        f32 = lambda t, i: t[..., i].astype(jnp.float32)  # noqa: E731
+        columns = range(qq.shape[-1])
+        dv = dv + jnp.stack([jnp.sum(p * f32(dd, i)[:, :, None], axis=1) for i in columns], axis=-1)
+        dq = jnp.stack([jnp.sum(ds * f32(kk, i)[:, None, :], axis=2) for i in columns], axis=-1).astype(qq.dtype)
+        dk = dk + jnp.stack([jnp.sum(ds * f32(qq, i)[:, :, None], axis=1) for i in columns], axis=-1)
+        return (dk, dv), dq
+    dv = dv + _bmm(p.astype(dd.dtype), dd, 1, 1).astype(jnp.float32)
+    ds = ds.astype(qq.dtype)
     dq = _bmm(ds, kk, 2, 1)
     dk = dk + _bmm(ds, qq, 1, 1).astype(jnp.float32)
     return (dk, dv), dq
 
 
-def _blocked_attention_bwd(heads, queries, residuals, d_out):
+def _blocked_attention_bwd(plan, residuals, d_out):
     qh, kh, vh, out, lse = residuals
+    heads, queries = plan[2:]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [BH, Lq]
     if heads == qh.shape[0] and queries == qh.shape[1]:
         zeros = (jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32))
