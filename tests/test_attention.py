@@ -95,3 +95,73 @@ def test_blocked_backward_bf16_upcast_close_to_float32():
     for g, r in zip(got, ref):
         assert g.dtype == jnp.float32  # grads come back in the inputs' dtype
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=5e-2, rtol=5e-2)
+
+
+def test_block_plan():
+    from ldm_jax.models.attention import BLOCK_ELEMENTS, block_plan
+
+    assert block_plan(1, 8, 1024, 1024) == (1, 1024)  # SD's 32x32-latent self-attention, one image
+    assert block_plan(4, 8, 1024, 1024) == (1, 256)  # the batch stays whole: fewer queries per block
+    assert block_plan(4, 8, 256, 256) == (4, 256)  # two blocks at least, for both cores
+    assert block_plan(4, 8, 1024, 77) == (4, 1024)
+    assert block_plan(2, 8, 4096, 4096) == (1, 128)  # 64x64 latents: query blocks of a power of two
+    assert block_plan(1, 1, 10, 10) == (1, 10)
+    assert block_plan(4, 8, 1024, 1024, chunk_size=64) == (8, 64)  # an explicit chunk: all heads, as asked
+    assert block_plan(1, 8, 1024, 1024, min_heads=4) == (4, 256)  # the backward pass with small heads
+    for b, h, lq, lk in [(2, 3, 37, 11), (4, 8, 4096, 4096), (1, 7, 5000, 300), (1, 2, 3, 10 ** 7), (64, 8, 1024, 1024)]:
+        g, c = block_plan(b, h, lq, lk)
+        assert h % g == 0 and 1 <= c <= lq
+        assert g == 1 or b * g * c * lk <= BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize("q_len,block_elements,plans,d", [
+    (37, 2 * 37 * 22, (2, 37, 2, 37), 8),  # two heads per block, no query loop
+    (37, 8 * 22, (1, 8, 1, 8), 8),  # one head x 8 queries, padded last block
+    (32, 2 * 32 * 22, (2, 32, 4, 16), 8),  # the backward pass blocked apart: 4 heads x 16 queries
+    (32, 2 * 32 * 22, (2, 32, 2, 32), 32),  # heads above SMALL_HEAD_DIM: matmul backward
+])
+def test_head_and_query_blocks(q_len, block_elements, plans, d):
+    """Blocks of heads x queries (batch of 2 kept whole, 4 heads, 11 keys) in the forward and the
+    backward pass: values and gradients against the einsum implementation."""
+    from ldm_jax.models.attention import block_plans
+
+    q, k, v = (jnp.asarray(a) for a in _inputs(seed=3, b=2, lq=q_len, lk=11, h=4, d=d))
+    assert block_plans(2, 4, q_len, 11, d, block_elements=block_elements) == plans
+    d_out = jax.random.normal(jax.random.key(5), q.shape)
+
+    def grads(impl, **kw):
+        out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, impl=impl, **kw), q, k, v)
+        return (out, *vjp(d_out))
+
+    got = jax.jit(lambda: grads("chunked", block_elements=block_elements))()
+    want = jax.jit(lambda: grads("xla"))()
+    np.testing.assert_allclose(np.asarray(got[0]), _naive(q, k, v), atol=1e-5, rtol=0)
+    for g, w, name in zip(got, want, ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5, err_msg=f"{plans} {name}")
+
+
+@pytest.mark.parametrize("block_elements", [8 * 1 * 16 * 16, 8 * 2 * 32 * 16])
+def test_blocks_keep_a_sharded_batch_on_its_devices(block_elements):
+    """On a mesh that shards the batch, the blocked attention and its gradient run without any
+    collective: every block holds the whole (sharded) batch, so no device needs another's rows."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    q, k, v = (jax.device_put(jnp.asarray(a), rows) for a in _inputs(seed=4, b=8, lq=32, lk=16, h=4, d=8))
+
+    def loss(q, k, v):
+        return jnp.sum(dot_product_attention(q, k, v, impl="chunked", block_elements=block_elements) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), in_shardings=(rows,) * 3,
+                   out_shardings=(NamedSharding(mesh, P()), (rows,) * 3))
+    hlo = step.lower(q, k, v).compile().as_text()
+    collectives = [op for op in (" all-gather(", " all-to-all(", " collective-permute(", " reduce-scatter(")
+                   if op in hlo]
+    assert not collectives, collectives
+    assert hlo.count(" all-reduce(") <= 1  # the scalar loss only
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*(jax.device_get(t) for t in (q, k, v)))
+    got = step(q, k, v)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)

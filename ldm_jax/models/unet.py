@@ -119,7 +119,7 @@ class Attention(nn.Module):
     dim_head: int
     upcast: bool = False
     attention_impl: str = "auto"
-    attention_chunk_size: int = 64
+    attention_chunk_size: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -175,7 +175,7 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     upcast_attention: bool = False
     attention_impl: str = "auto"
-    attention_chunk_size: int = 64
+    attention_chunk_size: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -207,7 +207,7 @@ class Transformer2DModel(nn.Module):
     upcast_attention: bool = False
     groups: int = 32
     attention_impl: str = "auto"
-    attention_chunk_size: int = 64
+    attention_chunk_size: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -285,7 +285,7 @@ class _LevelSpec:
     groups: int
     eps: float
     attention_impl: str
-    attention_chunk_size: int
+    attention_chunk_size: int | None
     remat: bool
 
 
@@ -423,7 +423,7 @@ class UNet2DConditionModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    attention_chunk_size: int = 64
+    attention_chunk_size: int | None = None
     remat: bool = False
 
     def _check(self) -> None:
