@@ -102,7 +102,9 @@ def test_block_plan():
 
     assert block_plan(1, 8, 1024, 1024) == (1, 1024)  # SD's 32x32-latent self-attention, one image
     assert block_plan(4, 8, 1024, 1024) == (1, 256)  # the batch stays whole: fewer queries per block
-    assert block_plan(4, 8, 256, 256) == (4, 256)  # two blocks at least, for both cores
+    assert block_plan(4, 8, 256, 256) == (4, 256)  # 2M logits: two blocks of ~1M
+    assert block_plan(2, 8, 256, 256) == (8, 256)  # all fit: one block
+    assert block_plan(16, 4, 64, 64) == (4, 64)  # a small problem (the demo UNet's): one block, no loop
     assert block_plan(4, 8, 1024, 77) == (4, 1024)
     assert block_plan(2, 8, 4096, 4096) == (1, 128)  # 64x64 latents: query blocks of a power of two
     assert block_plan(1, 1, 10, 10) == (1, 10)
