@@ -25,10 +25,10 @@ $(TEST_STAMP): $(STAMP)
 
 install: $(TEST_STAMP)
 
-# glibc malloc with huge pages and a heap kept between steps: XLA:CPU steps 1.3-1.5x faster and
-# steady (ldm_jax/malloc_env.py MALLOC_TUNABLES, the same string); `ldm-jax` sets it itself.
+# pytest under glibc malloc with huge pages and a heap kept between steps (XLA:CPU steps 1.3-1.5x
+# faster and steady): ldm_jax/malloc_env.py sets GLIBC_TUNABLES and execs the command; `ldm-jax` does it itself.
 test: $(TEST_STAMP)
-	GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.top_pad=67108864:glibc.malloc.trim_threshold=268435456 $(PY) -m pytest -q tests
+	$(PY) -m ldm_jax.malloc_env $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/ldm-jax demo --out demo_out

@@ -16,7 +16,8 @@ free (``top_pad``, ``trim_threshold``). Measured on the 2-core development machi
   self-attention 15-17 or 35-38 ms. With the heap settings: 1.66-1.74 s in 9 of 9 processes.
 
 Numerics are unchanged. glibc reads the variable once, at start-up, so the ``ldm-jax`` command
-re-executes itself with it (:func:`reexec_with_hugepage_malloc`); ``make test`` sets it for pytest.
+re-executes itself with it (:func:`reexec_with_hugepage_malloc`), and ``make test`` runs pytest
+through ``python -m ldm_jax.malloc_env COMMAND...`` (:func:`main`), which execs any command with it.
 Python API users on CPU set it themselves: ``export GLIBC_TUNABLES=<MALLOC_TUNABLES>``.
 ``LDM_JAX_HUGEPAGE_MALLOC=0`` turns the re-execution off.
 """
@@ -27,7 +28,7 @@ import platform
 import sys
 from typing import Mapping, Sequence
 
-__all__ = ["MALLOC_TUNABLES", "hugepage_malloc_env", "reexec_with_hugepage_malloc"]
+__all__ = ["MALLOC_TUNABLES", "hugepage_malloc_env", "main", "reexec_with_hugepage_malloc"]
 
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:"
                    "glibc.malloc.top_pad=67108864:glibc.malloc.trim_threshold=268435456")
@@ -72,3 +73,20 @@ def reexec_with_hugepage_malloc(module: str, argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ldm_jax.malloc_env COMMAND [ARGS...]``: replace this process by ``COMMAND`` (looked
+    up on ``PATH``) under :func:`hugepage_malloc_env`, or under the unchanged environment where that
+    is None. ``make test`` runs pytest this way."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        raise SystemExit("usage: python -m ldm_jax.malloc_env COMMAND [ARGS...]")
+    env = hugepage_malloc_env(os.environ) or dict(os.environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -77,7 +77,27 @@ def test_console_entry_point_reexecs_before_any_work(monkeypatch):
     assert calls == [(sys.executable, [sys.executable, "-m", "ldm_jax.cli", "demo", "--out", "x"], MALLOC_TUNABLES)]
 
 
-def test_make_test_uses_the_same_tunables():
-    """``make test`` sets the variable itself (pytest is no ``ldm-jax`` re-exec): the same string."""
+def test_runner_execs_a_command_under_the_tunables():
+    """``python -m ldm_jax.malloc_env CMD...`` runs CMD with the tunables (what ``make test`` does),
+    and leaves a user's own ``glibc.malloc.hugetlb`` choice alone."""
+    show = [sys.executable, "-c", "import os, sys; print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])", "a", "b c"]
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LDM_JAX_HUGEPAGE_MALLOC")}
+    run = lambda e: subprocess.run([sys.executable, "-m", "ldm_jax.malloc_env", *show], env=e,  # noqa: E731
+                                   capture_output=True, text=True, timeout=120)
+    out = run(env)
+    assert out.returncode == 0, out.stderr
+    expected = MALLOC_TUNABLES if hugepage_malloc_env(env) is not None else None
+    assert out.stdout.strip() == f"{expected} ['a', 'b c']"
+    out = run({**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert out.stdout.strip() == "glibc.malloc.hugetlb=0 ['a', 'b c']"
+    assert subprocess.run([sys.executable, "-m", "ldm_jax.malloc_env"], env=env, capture_output=True,
+                          timeout=120).returncode != 0  # no command: a usage error
+
+
+def test_make_test_runs_pytest_through_the_runner():
+    """``make test`` (pytest is no ``ldm-jax`` re-exec) goes through that runner: one implementation
+    of the tunables, no copy of the string in the Makefile."""
     makefile = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")).read()
-    assert f"$$GLIBC_TUNABLES:}}{MALLOC_TUNABLES} " in makefile
+    recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "$(PY) -m ldm_jax.malloc_env $(PY) -m pytest" in recipe
+    assert "glibc.malloc" not in makefile
