@@ -273,7 +273,8 @@ def _sample_worker(args: dict) -> dict:
         run = _Ours(dtype=args["dtype"], attention_impl=args["attention_impl"], **common)
         first, images = _timed(run.call)
         out.update(new_cache_entries=len(os.listdir(args["cache"])) - before, device=_device_info(run.devices),
-                   attention_impl=run.pipe.unet.attention_impl, dtype=run.args["dtype"])
+                   attention_impl=run.pipe.unet.attention_impl, dtype=run.args["dtype"],
+                   compiler_options=run.pipe.compiler_options)
         steady = [_timed(run.call)[0] for _ in range(args["calls"])]
         loop = run.loop_fn() if args["calls"] else None
         out["loop_s"] = [_timed(loop)[0] for _ in range(args["calls"])]
@@ -454,7 +455,8 @@ def bench_sample(config: str | None = None, overrides: Sequence[str] = (), batch
         "cold_cache_new_entries": first["new_cache_entries"],
         "s_per_call": steady, "s_per_image": steady / batch, "steady_calls_s": t_ours,
         "loop_s": statistics.median(t_loop), "loop_calls_s": t_loop, "s_per_step": statistics.median(t_loop) / steps,
-        "attention_impl": first["attention_impl"], "dtype": first["dtype"], "threads": n_threads,
+        "attention_impl": first["attention_impl"], "compiler_options": first["compiler_options"],
+        "dtype": first["dtype"], "threads": n_threads,
     }
     if warm:
         warm_first = statistics.median(w["first_call_s"] for w in warm)

@@ -62,7 +62,8 @@ def test_bench_sample_alternates_sides_and_reports_every_sample(monkeypatch, tmp
                "others_cpu_frac": 0.2 if k == 2 else 0.0}
         if args["side"] == "ours":
             out.update(new_cache_entries=3 if k == 1 else 0, loop_s=[0.5] * args["calls"], attention_impl="x",
-                       dtype="float32", device={"platform": "cpu", "num_devices_used": 1})
+                       compiler_options={"flag": "value"}, dtype="float32",
+                       device={"platform": "cpu", "num_devices_used": 1})
             if args.get("images_out"):
                 np.save(args["images_out"], np.zeros((1, 2, 2, 3), np.float32))
         else:
@@ -90,6 +91,7 @@ def test_bench_sample_alternates_sides_and_reports_every_sample(monkeypatch, tmp
     assert r["ours"]["first_call_warm_cache_s"] == 1.5 and r["ours"]["warm_cache_new_entries"] == 0
     assert r["images_mean_abs_diff"] == pytest.approx(0.5)
     assert r["others_cpu_frac_max"] == 0.2 and "other processes" in r["machine_busy"]
+    assert r["ours"]["compiler_options"] == {"flag": "value"}
 
 
 def test_bench_sample_bad_input(tmp_path):

@@ -134,6 +134,23 @@ def test_sharded_batch_equals_single_device(folder):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_sampling_compiler_options(folder, pipes):
+    """The pipeline jits (sampling loop, VAE, text encoder) compile with its YNNPACK choice (CPU: dots and reductions);
+    XLA's defaults give the same images; an unknown op kind fails at construction."""
+    from ldm_jax.xla_cpu import compiler_options
+
+    _, ours = pipes
+    assert ours.compiler_options == compiler_options(("dot", "reduce"), backend="cpu") is not None
+    plain = StableDiffusionPipeline.from_pretrained(folder, ynn_fusions=())
+    assert plain.compiler_options is None
+    latents = _noise((2, 8, 8, 4), 8)
+    a = ours(PROMPTS, num_inference_steps=3, latents=latents, output_type="np")
+    b = plain(PROMPTS, num_inference_steps=3, latents=latents, output_type="np")
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown YNNPACK fusion"):
+        StableDiffusionPipeline.from_pretrained(folder, ynn_fusions=("conv",))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(height=20), "multiple of 8"),
     (dict(width=0), "multiple of 8"),
