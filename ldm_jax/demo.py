@@ -151,7 +151,6 @@ def diffusion_train_config(cfg, tokenizer, out_dir: str):
     """
     from ml_collections import ConfigDict
 
-    from ldm_jax import xla_cpu
     from ldm_jax.config_utils import load_config
 
     d = cfg.diffusion
@@ -164,9 +163,8 @@ def diffusion_train_config(cfg, tokenizer, out_dir: str):
                            checkpoint_every=500, log_every=25))
     tcfg.train.min_snr_gamma = float(d.get("min_snr_gamma", 0.0))
     tcfg.train.decay_steps = _decay_steps(d)
-    opts = xla_cpu.compiler_options(d.get("ynn_fusions", ()))
-    if opts:
-        tcfg.train.compiler_options = opts
+    fusions = d.get("ynn_fusions", ())
+    tcfg.train.ynn_fusions = fusions if isinstance(fusions, str) else ",".join(fusions)  # () -> XLA's defaults
     tcfg.train.text_dropout = float(d.text_dropout)
     tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]

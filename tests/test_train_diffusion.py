@@ -146,3 +146,17 @@ def test_non_finite_step_is_skipped(learned):
     after = _flat((new.params, new.ema_params, new.opt_state))
     for k in before:
         np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+
+def test_compiler_options_join_ynn_fusions_and_raw_options():
+    """``train.ynn_fusions`` (CPU only) and ``train.compiler_options`` make one options dict."""
+    from ldm_jax import xla_cpu
+
+    c = load_config(os.path.join(ROOT, "configs/tiny_train.py"))
+    ynn = xla_cpu.compiler_options("dot,reduce", backend="cpu")
+    assert c.train.ynn_fusions == "dot,reduce" and D.compiler_options(c, "cpu") == ynn
+    c.train.compiler_options = {"xla_backend_optimization_level": 0}
+    assert D.compiler_options(c, "cpu") == {**ynn, "xla_backend_optimization_level": 0}
+    assert D.compiler_options(c, "gpu") == {"xla_backend_optimization_level": 0}  # no XLA:CPU flag elsewhere
+    c.train.ynn_fusions, c.train.compiler_options = "", None
+    assert D.compiler_options(c, "cpu") is None

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from ldm_jax import xla_cpu
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import optim, sharding
 from ldm_jax.train.writers import MetricsLog, MetricWriter, image_grid
@@ -441,11 +442,15 @@ class _CompiledSetup:
     step_fn: Callable
 
 
-def compiler_options(config) -> dict | None:
-    """``config.train.compiler_options``: XLA options for the jitted init/step, e.g.
-    ``{"xla_backend_optimization_level": 0}`` (CPU tests: several times faster compiles, slower steps)."""
-    opts = config.train.get("compiler_options")
-    return dict(opts) if opts else None
+def compiler_options(config, backend: str | None = None) -> dict | None:
+    """XLA options for the jitted init/step: ``config.train.ynn_fusions``, the op kinds XLA:CPU hands
+    to YNNPACK (:func:`ldm_jax.xla_cpu.compiler_options`; nothing on other backends), updated by
+    ``config.train.compiler_options``, a dict such as ``{"xla_backend_optimization_level": 0}``
+    (CPU tests: several times faster compiles, slower steps). ``backend``: the mesh's platform
+    (default: JAX's default backend)."""
+    opts = dict(xla_cpu.compiler_options(config.train.get("ynn_fusions"), backend) or {})
+    opts.update(config.train.get("compiler_options") or {})
+    return opts or None
 
 
 def _setup_key(config, mesh: Mesh, models: DiffusionModels | None):
@@ -490,7 +495,7 @@ def _build_setup(config, mesh: Mesh, models: DiffusionModels | None) -> _Compile
     s = config.get("sharding", {}) or {}
     frozen_sh = sharding.param_shardings(abstract_frozen, mesh, tuple(s.get("rules", ())),
                                          int(s.get("min_size", 2 ** 14)))
-    opts = compiler_options(config)
+    opts = compiler_options(config, backend=mesh.devices.flat[0].platform)
     init_fn = jax.jit(init, out_shardings=(state_sh, frozen_sh), compiler_options=opts)
     step_fn = jax.jit(make_train_step(config, models, tx, schedule), donate_argnums=0,
                       in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
