@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -526,8 +526,8 @@ def _cost_flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def _peer_train_step_s(config, latent_shape_nhwc, ctx_shape, steps: int) -> dict:
-    """diffusers' PyTorch UNet, AdamW, MSE on eps: median seconds per step (after one warm-up step)."""
+def _peer_train_step(config, latent_shape_nhwc, ctx_shape) -> tuple[Callable[[], None], dict]:
+    """diffusers' PyTorch UNet, AdamW, MSE on eps: (one training step, what it is)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -549,24 +549,37 @@ def _peer_train_step_s(config, latent_shape_nhwc, ctx_shape, steps: int) -> dict
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
 
-    first, _ = _timed(step)
-    times = [_timed(step)[0] for _ in range(steps)]
-    return {"name": "diffusers.UNet2DConditionModel (PyTorch) AdamW step", "first_step_s": first,
-            "s_per_step": statistics.median(times), "step_times_s": times, "torch_threads": torch.get_num_threads()}
+    return step, {"name": "diffusers.UNet2DConditionModel (PyTorch) AdamW step", "torch_threads": torch.get_num_threads()}
+
+
+def alternate_rounds(sides: dict[str, Callable[[], None]], steps: int, rounds: int,
+                     pause_s: float = 0.5) -> dict[str, list[list[float]]]:
+    """Time ``steps`` calls of each side in turn, for ``rounds`` rounds, pausing ``pause_s`` between
+    sides (the previous side's worker threads go idle) -> per side, per round, seconds per call."""
+    out: dict[str, list[list[float]]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for i, (name, fn) in enumerate(sides.items()):
+            if i and pause_s:
+                time.sleep(pause_s)
+            out[name].append([_timed(fn)[0] for _ in range(steps)])
+    return out
 
 
 def bench_train(config: str | None = None, overrides: Sequence[str] = (), batch: int | None = None,
-                steps: int | None = None, peer: bool = True) -> dict:
+                steps: int | None = None, peer: bool = True, rounds: int = 3) -> dict:
     """Diffusion train-step throughput (``ldm_jax.train.diffusion``) vs diffusers' PyTorch UNet step.
 
     Args:
       config: a training config file (default ``configs/tiny_train.py``); ``overrides`` apply to it.
         The data source is forced to ``synthetic_latents`` (UNet step on precomputed latents, as the peer).
-      batch: global batch (default: the first stage's); steps: timed steps (default 5).
+      batch: global batch (default: the first stage's); steps: timed steps per side and round (default 5).
+      rounds: rounds of ``steps`` of ours then ``steps`` of the peer, alternating (with a pause
+        between sides), so a slow spell of the machine lands on both sides rather than on one.
 
-    Returns: JSON-able dict: ``ours`` (``compile_s``, ``s_per_step``, ``images_per_s``,
-    ``flops_per_step`` from XLA's cost analysis, ``mfu`` vs ``matmul_peak_gflops``), ``peer``
-    (PyTorch, same UNet config, AdamW, MSE on eps; its MFU uses our FLOP count) and ``speedup``.
+    Returns: JSON-able dict: ``ours`` (``compile_s``, ``s_per_step`` (median over all rounds),
+    ``images_per_s``, ``flops_per_step`` from XLA's cost analysis, ``mfu`` vs ``matmul_peak_gflops``),
+    ``peer`` (PyTorch, same UNet config, AdamW, MSE on eps; its MFU uses our FLOP count), ``speedup``
+    and ``speedup_per_round``.
     """
     import jax
 
@@ -577,8 +590,8 @@ def bench_train(config: str | None = None, overrides: Sequence[str] = (), batch:
     cfg = load_config(config or os.path.join(repo, "configs", "tiny_train.py"), overrides)
     cfg.data.source = "synthetic_latents"
     steps = 5 if steps is None else int(steps)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps < 1 or int(rounds) < 1:
+        raise ValueError(f"steps and rounds must be >= 1, got steps={steps}, rounds={rounds}")
     if batch is not None:
         cfg.stages = [dict(dict(cfg.stages[0]), batch_size=int(batch))] + list(cfg.stages[1:])
     stage = diffusion.get_stages(cfg)[0]
@@ -591,37 +604,47 @@ def bench_train(config: str | None = None, overrides: Sequence[str] = (), batch:
     compiled = ts.step_fn.lower(ts.state, gbatch, ts.frozen).compile()
     compile_s = time.perf_counter() - t0
     flops = _cost_flops(compiled)
-    state = ts.state
-    state, m = compiled(state, gbatch, ts.frozen)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, gbatch, ts.frozen)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    peak = matmul_peak_gflops()
+    carry = {"state": ts.state}
+
+    def ours_step():
+        carry["state"], carry["metrics"] = compiled(carry["state"], gbatch, ts.frozen)
+        jax.block_until_ready(carry["metrics"])
+
+    ours_step()
     lat = local.get("latents")
     latent_shape = tuple(lat.shape) if lat is not None else (b, stage.resolution, stage.resolution, cfg.unet.in_channels)
+    missing = _torch_available() if peer else "disabled (--no-peer)"
+    peer_step, peer_info = None, None
+    if missing is None:
+        ctx_shape = (b, int(cfg.text_encoder.get("max_position_embeddings", 77)), int(cfg.unet.cross_attention_dim))
+        peer_step, peer_info = _peer_train_step(cfg, latent_shape, ctx_shape)
+        peer_info["first_step_s"] = _timed(peer_step)[0]
+    sides = {"ours": ours_step} if peer_step is None else {"ours": ours_step, "peer": peer_step}
+    timed = alternate_rounds(sides, steps, int(rounds))
+    ours_rounds, peer_rounds = timed["ours"], timed.get("peer", [])
+    times = [t for r in ours_rounds for t in r]
+    step_s = statistics.median(times)
+    peak = matmul_peak_gflops()
     result: dict[str, Any] = {
-        "bench": "train", "config": cfg.get("name", config), "batch": b, "steps": steps,
+        "bench": "train", "config": cfg.get("name", config), "batch": b, "steps": steps, "rounds": int(rounds),
         "latent_shape_nhwc": list(latent_shape), "versions": _versions(), "device": _device_info(jax.devices()),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "matmul_peak_gflops": peak,
         "ours": {"compile_s": compile_s, "s_per_step": step_s, "images_per_s": b / step_s, "step_times_s": times,
                  "flops_per_step": flops, "mfu": flops / step_s / (peak * 1e9) if flops else None,
-                 "compute_dtype": cfg.train.get("compute_dtype", "float32"), "loss": float(m["loss"])},
+                 "compute_dtype": cfg.train.get("compute_dtype", "float32"),
+                 "compiler_options": diffusion.compiler_options(cfg, mesh.devices.flat[0].platform),
+                 "loss": float(carry["metrics"]["loss"])},
     }
-    missing = _torch_available() if peer else "disabled (--no-peer)"
-    if missing is not None:
+    if peer_step is None:
         result["peer"], result["peer_skipped"] = None, missing
         return result
-    ctx_shape = (b, int(cfg.text_encoder.get("max_position_embeddings", 77)), int(cfg.unet.cross_attention_dim))
-    p = _peer_train_step_s(cfg, latent_shape, ctx_shape, steps)
-    p.update(images_per_s=b / p["s_per_step"], mfu=flops / p["s_per_step"] / (peak * 1e9) if flops else None)
-    result["peer"] = p
-    result["speedup"] = p["s_per_step"] / step_s
+    peer_times = [t for r in peer_rounds for t in r]
+    p_step = statistics.median(peer_times)
+    result["peer"] = dict(peer_info, s_per_step=p_step, step_times_s=peer_times, images_per_s=b / p_step,
+                          mfu=flops / p_step / (peak * 1e9) if flops else None)
+    result["speedup"] = p_step / step_s
+    result["speedup_per_round"] = [statistics.median(p) / statistics.median(o) for o, p in zip(ours_rounds, peer_rounds)]
     return result
 
 

@@ -107,8 +107,20 @@ def test_bench_sample_bad_input(tmp_path):
 
 def test_bench_train_bad_input():
     # (a full train bench compiles a UNet step and runs the PyTorch peer: minutes on this CPU)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps and rounds must be >= 1"):
         bench.bench_train(steps=0)
+    with pytest.raises(ValueError, match="steps and rounds must be >= 1"):
+        bench.bench_train(rounds=0)
+
+
+def test_alternate_rounds_interleaves_the_sides():
+    """bench train times ours and the peer in alternating rounds, every call kept."""
+    calls = []
+    sides = {"ours": lambda: calls.append("ours"), "peer": lambda: calls.append("peer")}
+    out = bench.alternate_rounds(sides, steps=2, rounds=3, pause_s=0)
+    assert calls == ["ours", "ours", "peer", "peer"] * 3
+    assert set(out) == {"ours", "peer"} and all(len(r) == 3 and all(len(x) == 2 for x in r) for r in out.values())
+    assert all(t >= 0 for r in out["ours"] for t in r)
 
 
 def test_cli_bench_data_prints_json(capsys):
