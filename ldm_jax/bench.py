@@ -554,12 +554,13 @@ def _peer_train_step(config, latent_shape_nhwc, ctx_shape) -> tuple[Callable[[],
 
 def alternate_rounds(sides: dict[str, Callable[[], None]], steps: int, rounds: int,
                      pause_s: float = 0.5) -> dict[str, list[list[float]]]:
-    """Time ``steps`` calls of each side in turn, for ``rounds`` rounds, pausing ``pause_s`` between
-    sides (the previous side's worker threads go idle) -> per side, per round, seconds per call."""
+    """Time ``steps`` calls of each side in turn, for ``rounds`` rounds, pausing ``pause_s`` before
+    every side but the first (the previous side's worker threads go idle) -> per side, per round,
+    seconds per call."""
     out: dict[str, list[list[float]]] = {name: [] for name in sides}
-    for _ in range(rounds):
+    for r in range(rounds):
         for i, (name, fn) in enumerate(sides.items()):
-            if i and pause_s:
+            if (r or i) and pause_s:
                 time.sleep(pause_s)
             out[name].append([_timed(fn)[0] for _ in range(steps)])
     return out
