@@ -19,7 +19,7 @@ from typing import Sequence
 
 import jax
 
-__all__ = ["YNN_FUSION_FLAG", "YNN_FUSION_TYPES", "compiler_options"]
+__all__ = ["YNN_FUSION_FLAG", "YNN_FUSION_TYPES", "compiler_options", "train_compiler_options"]
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSION_TYPES = {"dot": "LIBRARY_FUSION_TYPE_DOT", "eltwise": "LIBRARY_FUSION_TYPE_ELTWISE",
@@ -40,3 +40,13 @@ def compiler_options(ynn_fusions: str | Sequence[str] | None, backend: str | Non
         return None
     ordered = [YNN_FUSION_TYPES[k] for k in YNN_FUSION_TYPES if k in names]
     return {YNN_FUSION_FLAG: ",".join(ordered)}
+
+
+def train_compiler_options(train_config, backend: str | None = None) -> dict | None:
+    """A trainer's XLA options for its jitted init/step, from its ``config.train`` section:
+    ``ynn_fusions`` (through :func:`compiler_options`; nothing off the CPU), updated by
+    ``compiler_options``, a dict such as ``{"xla_backend_optimization_level": 0}`` (CPU tests:
+    several times faster compiles, slower steps). None when both are empty."""
+    opts = dict(compiler_options(train_config.get("ynn_fusions"), backend) or {})
+    opts.update(train_config.get("compiler_options") or {})
+    return opts or None

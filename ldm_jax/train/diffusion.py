@@ -443,14 +443,10 @@ class _CompiledSetup:
 
 
 def compiler_options(config, backend: str | None = None) -> dict | None:
-    """XLA options for the jitted init/step: ``config.train.ynn_fusions``, the op kinds XLA:CPU hands
-    to YNNPACK (:func:`ldm_jax.xla_cpu.compiler_options`; nothing on other backends), updated by
-    ``config.train.compiler_options``, a dict such as ``{"xla_backend_optimization_level": 0}``
-    (CPU tests: several times faster compiles, slower steps). ``backend``: the mesh's platform
-    (default: JAX's default backend)."""
-    opts = dict(xla_cpu.compiler_options(config.train.get("ynn_fusions"), backend) or {})
-    opts.update(config.train.get("compiler_options") or {})
-    return opts or None
+    """XLA options for the jitted init/step (:func:`ldm_jax.xla_cpu.train_compiler_options` of
+    ``config.train``: ``ynn_fusions`` joined with ``compiler_options``). ``backend``: the mesh's
+    platform (default: JAX's default backend)."""
+    return xla_cpu.train_compiler_options(config.train, backend)
 
 
 def _setup_key(config, mesh: Mesh, models: DiffusionModels | None):

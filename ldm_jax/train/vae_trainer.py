@@ -45,6 +45,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
+from ldm_jax import xla_cpu
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS, load_lpips_params
 from ldm_jax.train import checkpoint as ckpt_lib
@@ -556,11 +557,6 @@ class _CompiledSetup:
     step_fn: Callable
 
 
-def _compiler_options(config) -> dict | None:
-    opts = config.train.get("compiler_options")
-    return dict(opts) if opts else None
-
-
 def _setup_key(config, mesh, model, forward):
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     parts = {"vae": c.get("vae"), "loss": c.get("loss"), "optim": c.get("optim"),
@@ -588,7 +584,7 @@ def _compiled_setup(config, mesh: Mesh, model: nn.Module | None, forward: Forwar
         rng_key = jax.random.PRNGKey(int(t.get("seed", 0)))
         rep = sharding.replicated(mesh)
         batch_sh = sharding.batch_sharding(mesh)
-        opts = _compiler_options(config)
+        opts = xla_cpu.train_compiler_options(t, backend=mesh.devices.flat[0].platform)
         init_fn = jax.jit(init, out_shardings=rep, compiler_options=opts)
         step_fn = jax.jit(make_train_step(config, model, forward), donate_argnums=0,
                           in_shardings=(rep, batch_sh), out_shardings=(rep, rep), compiler_options=opts)
