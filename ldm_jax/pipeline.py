@@ -245,17 +245,21 @@ class StableDiffusionPipeline:
             """x: initial latents (noise * init_noise_sigma, or noised image latents) [B,h,w,C] f32.
             context: [2B, L, D] (uncond rows first) with CFG, else [B, L, D]. cond: inpainting inputs."""
             b = x.shape[0]
+            if key.cfg:
+                # [uncond rows; cond rows] -> one (uncond, cond) pair per sample: the UNet takes the
+                # latents once and runs its layers before the first cross-attention once per sample.
+                context = context.reshape(2, b, *context.shape[1:]).swapaxes(0, 1).reshape(context.shape)
 
             def model_fn(x_in, t):
-                inp = jnp.concatenate([x_in, x_in]) if key.cfg else x_in
+                inp = x_in
                 if key.mode == "inpaint_unet":
-                    extra = jnp.concatenate([cond["mask"], cond["masked_latents"]], axis=-1)
-                    inp = jnp.concatenate([inp, jnp.concatenate([extra] * (2 if key.cfg else 1))], axis=-1)
-                t_b = jnp.broadcast_to(t, (inp.shape[0],))
+                    inp = jnp.concatenate([inp, cond["mask"], cond["masked_latents"]], axis=-1)
+                t_b = jnp.broadcast_to(t, (b,))
                 out = unet.apply({"params": unet_params}, inp.astype(unet.dtype), t_b, context).astype(jnp.float32)
                 if not key.cfg:
                     return out
-                uncond, text = out[:b], out[b:]
+                out = out.reshape(b, 2, *out.shape[1:])
+                uncond, text = out[:, 0], out[:, 1]
                 guided = uncond + guidance_scale * (text - uncond)
                 # guidance rescale (Lin et al. 2023), a no-op at 0
                 std_text = jnp.std(text, axis=(1, 2, 3), keepdims=True)

@@ -160,3 +160,23 @@ def test_compiler_options_join_ynn_fusions_and_raw_options():
     assert D.compiler_options(c, "gpu") == {"xla_backend_optimization_level": 0}  # no XLA:CPU flag elsewhere
     c.train.ynn_fusions, c.train.compiler_options = "", None
     assert D.compiler_options(c, "cpu") is None
+
+
+def test_preview_sampler_pairs_each_prompt_with_the_empty_prompt(learned):
+    """make_sampler (the EMA preview grids) runs the UNet on (prompt, empty prompt) context pairs:
+    at guidance 0 only the empty prompt's branch counts, so different prompts give the same images;
+    at guidance 5 the images follow the prompt."""
+    ts, state, _, src = learned
+    c = _config()
+    ids = np.asarray(next(src)["input_ids"])
+    other = next(i for i in range(len(ids)) if (ids[i] != ids[0]).any())
+    a, b = ids[[0, 0]], ids[[other, 0]]
+    key, shape = jax.random.key(3), (8, 8, c.unet.in_channels)
+    unguided = jax.jit(D.make_sampler(c, ts.models, num_steps=5, guidance_scale=0.0), static_argnums=4)
+    guided = jax.jit(D.make_sampler(c, ts.models, num_steps=5, guidance_scale=5.0), static_argnums=4)
+    u_a, u_b = (np.asarray(unguided(state.ema_params, ts.frozen, key, i, shape)) for i in (a, b))
+    g_a, g_b = (np.asarray(guided(state.ema_params, ts.frozen, key, i, shape)) for i in (a, b))
+    assert u_a.shape == g_a.shape == (2, 8, 8, 3) and np.isfinite(g_a).all()
+    np.testing.assert_allclose(u_a, u_b, atol=1e-5, rtol=0)
+    assert np.abs(g_a[0] - g_b[0]).max() > 1e-2  # the first prompts differ
+    np.testing.assert_allclose(g_a[1], g_b[1], atol=1e-5, rtol=0)  # the second ones do not

@@ -53,6 +53,20 @@ def get_timestep_embedding(
     return emb
 
 
+def _widen_rows(x: jax.Array, rows: int) -> jax.Array:
+    """``[B, ...]`` -> ``[rows, ...]``, each row repeated ``rows / B`` times in place (row r <- r // k).
+
+    The UNet runs the layers before its first cross-attention once per sample and widens to the
+    context's rows there (see :class:`UNet2DConditionModel`). Repeating in place keeps each sample's
+    rows on the device that holds the sample when the batch is sharded.
+    """
+    if x.shape[0] == rows:
+        return x
+    if rows % x.shape[0]:
+        raise ValueError(f"cannot widen {x.shape[0]} rows to {rows}")
+    return jnp.repeat(x, rows // x.shape[0], axis=0)
+
+
 def _conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1) -> nn.Conv:
     pad = (kernel - 1) // 2
     return nn.Conv(
@@ -104,7 +118,7 @@ class ResnetBlock2D(nn.Module):
         h = nn.silu(_group_norm(self.groups, self.eps, pdt, "norm1")(x))
         h = _conv(self.out_channels, 3, dt, pdt, "conv1")(h)
         t = nn.Dense(self.out_channels, dtype=dt, param_dtype=pdt, name="time_emb_proj")(nn.silu(temb))
-        h = h + t[:, None, None, :]
+        h = h + _widen_rows(t, h.shape[0])[:, None, None, :]
         h = nn.silu(_group_norm(self.groups, self.eps, pdt, "norm2")(h))
         h = _conv(self.out_channels, 3, dt, pdt, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -188,6 +202,7 @@ class BasicTransformerBlock(nn.Module):
         )
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # noqa: E731
         x = x + attn("attn1")(norm("norm1")(x))
+        x = _widen_rows(x, context.shape[0])  # a no-op but in the UNet's first cross-attention
         x = x + attn("attn2")(norm("norm2")(x), context)
         x = x + FeedForward(name="ff", **kw)(norm("norm3")(x))
         return x
@@ -233,10 +248,10 @@ class Transformer2DModel(nn.Module):
                 **kw,
             )(h, context)
         if self.use_linear_projection:
-            h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
+            h = nn.Dense(c, name="proj_out", **kw)(h).reshape(h.shape[0], hgt, wid, c)
         else:
-            h = _conv(c, 1, self.dtype, self.param_dtype, "proj_out")(h.reshape(b, hgt, wid, inner))
-        return h + x.astype(h.dtype)
+            h = _conv(c, 1, self.dtype, self.param_dtype, "proj_out")(h.reshape(h.shape[0], hgt, wid, inner))
+        return h + _widen_rows(x, h.shape[0]).astype(h.dtype)
 
 
 class Downsample2D(nn.Module):
@@ -361,7 +376,7 @@ class UpBlock2D(_Block):
         if len(skips) != self.num_layers:
             raise ValueError(f"up block expects {self.num_layers} skip tensors, got {len(skips)}")
         for j in range(self.num_layers):
-            x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)
+            x = jnp.concatenate([x, _widen_rows(skips[-1 - j], x.shape[0]).astype(x.dtype)], axis=-1)
             x = self._resnet(f"resnets_{j}")(x, temb)
             if self.has_attention:
                 x = self._transformer(f"attentions_{j}")(x, context)
@@ -400,6 +415,12 @@ class UNet2DConditionModel(nn.Module):
 
     Call: ``sample`` [B, H, W, in_channels] (NHWC), ``timesteps`` [B] or scalar (int or float),
     ``encoder_hidden_states`` [B, S, cross_attention_dim] -> [B, H, W, out_channels].
+
+    The context may also hold ``k * B`` rows, ``k`` contexts per sample in order (rows ``k*i ..
+    k*i + k - 1`` condition sample ``i``; classifier-free guidance's ``[uncond, cond]`` pairs): the
+    output then has ``k * B`` rows, the same as feeding each sample ``k`` times, but the layers
+    before the first cross-attention (``conv_in``, the first resnet, the first self-attention) run
+    once per sample. Those are the costliest at the highest resolution.
     """
 
     sample_size: int | None = None
@@ -476,9 +497,10 @@ class UNet2DConditionModel(nn.Module):
             )
         batch = sample.shape[0]
         ctx = encoder_hidden_states
-        if ctx.ndim != 3 or ctx.shape[0] != batch or ctx.shape[-1] != ctx_dims[0]:
+        if ctx.ndim != 3 or ctx.shape[0] % batch or ctx.shape[-1] != ctx_dims[0]:
             raise ValueError(
-                f"encoder_hidden_states must be [{batch}, S, {ctx_dims[0]}], got shape {tuple(ctx.shape)}"
+                f"encoder_hidden_states must be [k * {batch}, S, {ctx_dims[0]}] (k contexts per sample), "
+                f"got shape {tuple(ctx.shape)}"
             )
         timesteps = jnp.asarray(timesteps)
         if timesteps.ndim == 0 or timesteps.shape == (1,):
@@ -535,7 +557,7 @@ class UNet2DConditionModel(nn.Module):
             )(x, block_skips, temb, ctx, up_size)
 
         x = nn.silu(_group_norm(self.norm_num_groups, self.norm_eps, pdt, "conv_norm_out")(x))
-        return _conv(self.out_channels, 3, dt, pdt, "conv_out")(x)
+        return _widen_rows(_conv(self.out_channels, 3, dt, pdt, "conv_out")(x), ctx.shape[0])
 
 
 # diffusers UNet2DConditionModel options outside the SD subset, with the value that means "off".

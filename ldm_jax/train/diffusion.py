@@ -365,14 +365,15 @@ def make_sampler(config, models: DiffusionModels, num_steps: int = 20, guidance_
 
     def sample(ema_params, frozen, key, input_ids, latent_shape):
         n = input_ids.shape[0]
-        ids = jnp.concatenate([input_ids, jnp.broadcast_to(frozen["empty_ids"], input_ids.shape)])
-        context = text_encoder.apply({"params": frozen["text"]}, ids).context
+        # one (cond, uncond) context pair per sample: the UNet runs its first layers once per sample
+        ids = jnp.stack([input_ids, jnp.broadcast_to(frozen["empty_ids"], input_ids.shape)], axis=1)
+        context = text_encoder.apply({"params": frozen["text"]}, ids.reshape(2 * n, -1)).context
         x = jax.random.normal(key, (n,) + tuple(latent_shape), jnp.float32)
 
         def body(x, tp):
             t, t_prev = tp
-            out = unet.apply({"params": ema_params}, jnp.concatenate([x, x]), jnp.full((2 * n,), t), context)
-            cond, uncond = jnp.split(out.astype(jnp.float32), 2)
+            out = unet.apply({"params": ema_params}, x, jnp.full((n,), t), context).astype(jnp.float32)
+            cond, uncond = out[0::2], out[1::2]
             out = uncond + guidance_scale * (cond - uncond)
             a, a_prev = abar[t], jnp.where(t_prev >= 0, abar[jnp.maximum(t_prev, 0)], abar[0])
             if v_pred:
