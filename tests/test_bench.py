@@ -37,6 +37,7 @@ def test_bench_sample_keys_and_figures(sample_result):
     for key in ("first_call_s", "s_per_call", "s_per_image", "s_per_step"):
         assert _positive(peer[key]), (key, peer[key])
     assert r["speedup"] == pytest.approx(peer["s_per_image"] / ours["s_per_image"])
+    assert r["speedup_best"] == pytest.approx(min(peer["steady_calls_s"]) / min(ours["steady_calls_s"]))
     # both pipelines did the same work: same images from the same latents (parity bound of the issue)
     assert r["images_mean_abs_diff"] <= 1 / 255
     # each side in its own process, pinned to the same CPUs, same thread count; the load is recorded
@@ -86,6 +87,8 @@ def test_bench_sample_alternates_sides_and_reports_every_sample(monkeypatch, tmp
     assert r["peer"]["steady_calls_s"] == [2.0, 2.5, 4.0, 4.5, 6.0, 6.5]
     assert r["ours"]["s_per_call"] == 3.25 and r["peer"]["s_per_call"] == 4.25  # medians
     assert r["speedup"] == pytest.approx(4.25 / 3.25)
+    assert r["ours"]["best_s_per_call"] == 1.0 and r["peer"]["best_s_per_call"] == 2.0  # fastest calls
+    assert r["speedup_best"] == pytest.approx(2.0)
     assert r["speedup_per_round"] == pytest.approx([2.25 / 1.25, 4.25 / 3.25, 6.25 / 5.25])
     assert r["ours"]["compile_cold_s"] == pytest.approx(5.0 - 3.25)
     assert r["ours"]["first_call_warm_cache_s"] == 1.5 and r["ours"]["warm_cache_new_entries"] == 0
