@@ -36,12 +36,18 @@ def _data_iterator(cfg, tokenizer, batch_size, seed, out_dir):
                          tokenizer=tokenizer, seed=seed, shuffle=True, random_flip=False, num_threads=2)
 
 
+def _ynn_fusions(stage_cfg) -> str:
+    """A demo stage's ``ynn_fusions`` (tuple or comma string) as a trainer's ``config.train.ynn_fusions``;
+    empty: XLA's defaults."""
+    fusions = stage_cfg.get("ynn_fusions", ())
+    return fusions if isinstance(fusions, str) else ",".join(fusions)
+
+
 def autoencoder_train_config(cfg, out_dir: str):
     """The demo's autoencoder stage as a :func:`ldm_jax.train.vae_trainer.train_autoencoder` config:
     the LDM objective without GAN and LPIPS (pixel loss + KL, at 32 px), on the demo's dataset."""
     from ml_collections import ConfigDict
 
-    from ldm_jax import xla_cpu
     from ldm_jax.config_utils import load_config
 
     a, d = cfg.autoencoder, cfg.data
@@ -54,7 +60,7 @@ def autoencoder_train_config(cfg, out_dir: str):
                         decay_steps=_decay_steps(a))
     ae_cfg.train.update(num_steps=int(a.steps), batch_size=int(a.batch_size), seed=int(cfg.seed), log_every=20,
                         checkpoint_every=1000, keep_checkpoints=1, keep_every=0, image_every=0,
-                        compiler_options=xla_cpu.compiler_options(a.get("ynn_fusions", ())))
+                        ynn_fusions=_ynn_fusions(a))
     ae_cfg.data.update(source="shapes", data_dir=os.path.join(out_dir, "data"), image_size=d.image_size,
                        num_train=d.num_train, num_validation=d.num_validation, num_heldout=d.num_heldout,
                        dataset_seed=d.seed, seed=cfg.seed + 1, random_crop=False, random_flip=False, num_threads=2,
@@ -163,8 +169,7 @@ def diffusion_train_config(cfg, tokenizer, out_dir: str):
                            checkpoint_every=500, log_every=25))
     tcfg.train.min_snr_gamma = float(d.get("min_snr_gamma", 0.0))
     tcfg.train.decay_steps = _decay_steps(d)
-    fusions = d.get("ynn_fusions", ())
-    tcfg.train.ynn_fusions = fusions if isinstance(fusions, str) else ",".join(fusions)  # () -> XLA's defaults
+    tcfg.train.ynn_fusions = _ynn_fusions(d)
     tcfg.train.text_dropout = float(d.text_dropout)
     tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]

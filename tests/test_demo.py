@@ -60,7 +60,12 @@ def test_demo_diffusion_config_reaches_the_trainer(tmp_path):
     ae = autoencoder_train_config(cfg, str(tmp_path))
     assert ae.train.num_steps == cfg.autoencoder.steps and ae.train.batch_size == cfg.autoencoder.batch_size
     assert (ae.data.max_shapes, ae.data.shape_scale, ae.data.image_size) == (1, cfg.data.shape_scale, 32)
-    assert ae.train.compiler_options  # YNNPACK fusions on CPU
+    # YNNPACK fusions on CPU, through the trainer's own setting (as the diffusion stage's)
+    from ldm_jax import xla_cpu
+
+    assert ae.train.ynn_fusions == ",".join(cfg.autoencoder.ynn_fusions)
+    assert xla_cpu.train_compiler_options(ae.train, "cpu") == xla_cpu.compiler_options(cfg.autoencoder.ynn_fusions, "cpu")
+    assert xla_cpu.train_compiler_options(ae.train, "cpu")
     ae.data.update(num_train=8, num_validation=2, num_heldout=2)
     assert "s32_n8-2-2_seed0_max1_scale1.15" in repr(make_source(ae, str(tmp_path)))  # the dataset it builds
 

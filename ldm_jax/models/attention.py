@@ -8,7 +8,8 @@ float rounding:
   GPU when dtypes/shapes allow).
 - ``"chunked"``: blocks of queries (and, without a mask, of heads) under ``lax.scan``, so memory
   grows with the block instead of ``q_len * kv_len`` (long sequences, large images), with a
-  blocked custom backward when there is no mask.
+  blocked custom backward when there is no mask. Every block holds the whole batch, so a batch
+  sharded over a mesh stays on its devices (:func:`block_plan`).
 - ``"auto"``: ``dot_product`` on GPU; ``chunked`` for sequences longer than ``chunk_size`` (64), and on
   CPU for any unmasked one (its custom backward is the faster one there at every length);
   ``xla`` otherwise.
