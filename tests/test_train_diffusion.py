@@ -141,7 +141,8 @@ def test_non_finite_step_is_skipped(learned):
     batch["latents"] = batch["latents"].copy()
     batch["latents"][0, 0, 0, 0] = np.nan
     before = _flat((state.params, state.ema_params, state.opt_state))
-    new, m = ts.step_fn(state, sharding.make_global_batch(ts.mesh, batch, 16), ts.frozen)
+    # a copy: the step donates its state, and later tests read the fixture's
+    new, m = ts.step_fn(jax.tree.map(jnp.copy, state), sharding.make_global_batch(ts.mesh, batch, 16), ts.frozen)
     assert int(m["skipped"]) == 1 and int(new.skipped_steps) == 1 and int(new.step) == 301
     after = _flat((new.params, new.ema_params, new.opt_state))
     for k in before:
