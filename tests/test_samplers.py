@@ -97,8 +97,16 @@ def reference_loop(name, ref, x, noises, start=0, eta=0.0):
     if hasattr(ref, "set_begin_index"):
         ref.set_begin_index(start)
     queue = [torch.from_numpy(noises[i]) for i in range(start, len(ref.timesteps))]
+    draws = []
+
+    def injected_noise(*args, **kwargs):
+        draws.append(len(queue))
+        return queue[0]
+
+    # Patch the globals that ``step`` itself reads (its module's namespace), so the injected noise
+    # reaches diffusers even if the module object imported above were not the class's own.
     patch = (
-        mock.patch.object(module, "randn_tensor", lambda *a, **k: queue[0])
+        mock.patch.dict(type(ref).step.__globals__, {"randn_tensor": injected_noise})
         if module is not None else contextlib.nullcontext()
     )
     with patch:
@@ -107,6 +115,9 @@ def reference_loop(name, ref, x, noises, start=0, eta=0.0):
             kwargs = dict(eta=eta, variance_noise=queue[0]) if name == "ddim" else {}
             x = ref.step(out, t, x, **kwargs).prev_sample
             queue.pop(0)
+    if module is not None:
+        # DDPM draws no noise at its last step (t = 0); the others draw at every step
+        assert len(draws) >= len(ref.timesteps[start:]) - 1 and draws, f"the injected noise was drawn {len(draws)} times"
     return x.numpy()
 
 
