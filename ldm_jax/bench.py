@@ -455,7 +455,8 @@ def bench_sample(config: str | None = None, overrides: Sequence[str] = (), batch
         "compile_cold_s": max(first["first_call_s"] - steady, 0.0),
         "cold_cache_new_entries": first["new_cache_entries"],
         "s_per_call": steady, "s_per_image": steady / batch, "steady_calls_s": t_ours,
-        "best_s_per_call": min(t_ours), "loop_s": statistics.median(t_loop), "loop_calls_s": t_loop, "s_per_step": statistics.median(t_loop) / steps,
+        "best_s_per_call": min(t_ours), "loop_s": statistics.median(t_loop), "loop_calls_s": t_loop,
+        "s_per_step": statistics.median(t_loop) / steps,
         "attention_impl": first["attention_impl"], "compiler_options": first["compiler_options"],
         "dtype": first["dtype"], "threads": n_threads,
     }

@@ -26,7 +26,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
-from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 
 from ldm_jax import diffusion
 from ldm_jax.diffusion import schedules
@@ -36,18 +35,18 @@ STEPS = 20
 TOL = 1e-5
 SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
-# name -> (diffusers class, extra diffusers kwargs, module whose randn_tensor to patch)
+# name -> (diffusers class, extra diffusers kwargs, whether its step draws noise with randn_tensor)
 REFERENCE = {
-    "ddpm": (DDPMScheduler, dict(clip_sample=False), scheduling_ddpm),
-    "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), None),
-    "pndm": (PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=False), None),
+    "ddpm": (DDPMScheduler, dict(clip_sample=False), True),
+    "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), False),
+    "pndm": (PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=False), False),
     "dpmpp_2m": (
         DPMSolverMultistepScheduler,
         dict(algorithm_type="dpmsolver++", solver_order=2),
-        None,
+        False,
     ),
-    "euler": (EulerDiscreteScheduler, {}, None),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}, scheduling_euler_ancestral_discrete),
+    "euler": (EulerDiscreteScheduler, {}, False),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}, True),
 }
 
 
@@ -92,7 +91,7 @@ def step_noises(n, seed=0):
 
 def reference_loop(name, ref, x, noises, start=0, eta=0.0):
     """diffusers' sampling loop (as its pipelines run it) with injected noise."""
-    _, _, module = REFERENCE[name]
+    _, _, draws_noise = REFERENCE[name]
     x = torch.from_numpy(np.asarray(x))
     if hasattr(ref, "set_begin_index"):
         ref.set_begin_index(start)
@@ -104,10 +103,10 @@ def reference_loop(name, ref, x, noises, start=0, eta=0.0):
         return queue[0]
 
     # Patch the globals that ``step`` itself reads (its module's namespace), so the injected noise
-    # reaches diffusers even if the module object imported above were not the class's own.
+    # reaches diffusers whichever module object the class was imported through.
     patch = (
         mock.patch.dict(type(ref).step.__globals__, {"randn_tensor": injected_noise})
-        if module is not None else contextlib.nullcontext()
+        if draws_noise else contextlib.nullcontext()
     )
     with patch:
         for t in ref.timesteps[start:]:
@@ -115,7 +114,7 @@ def reference_loop(name, ref, x, noises, start=0, eta=0.0):
             kwargs = dict(eta=eta, variance_noise=queue[0]) if name == "ddim" else {}
             x = ref.step(out, t, x, **kwargs).prev_sample
             queue.pop(0)
-    if module is not None:
+    if draws_noise:
         # DDPM draws no noise at its last step (t = 0); the others draw at every step
         assert len(draws) >= len(ref.timesteps[start:]) - 1 and draws, f"the injected noise was drawn {len(draws)} times"
     return x.numpy()
