@@ -1,10 +1,10 @@
-"""Diffusion processes: noise schedules and samplers (pure JAX, no model code)."""
+"""Diffusion processes: noise schedules, samplers, the denoising loop (pure JAX, no model code)."""
+from ldm_jax.diffusion.sampling import classifier_free_guidance, denoise, guided, pair_contexts
 from ldm_jax.diffusion.samplers import (
     ALIASES,
     SAMPLERS,
     Sampler,
     SamplerState,
-    denoise,
     get_sampler,
     get_sampler_from_config,
     sampler_class,
@@ -14,6 +14,7 @@ from ldm_jax.diffusion.schedules import (
     NoiseSchedule,
     add_noise,
     make_schedule,
+    min_snr_weights,
     predict_eps,
     predict_x0,
     snr,
@@ -27,7 +28,10 @@ __all__ = [
     "SAMPLERS",
     "Sampler",
     "SamplerState",
+    "classifier_free_guidance",
     "denoise",
+    "guided",
+    "pair_contexts",
     "get_sampler",
     "get_sampler_from_config",
     "sampler_class",
@@ -35,6 +39,7 @@ __all__ = [
     "NoiseSchedule",
     "add_noise",
     "make_schedule",
+    "min_snr_weights",
     "predict_eps",
     "predict_x0",
     "snr",

@@ -196,3 +196,18 @@ def snr(sched: NoiseSchedule, t) -> jax.Array:
     """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` at integer timestep(s) ``t`` (float32)."""
     abar = sched.alphas_cumprod[jnp.asarray(t, jnp.int32)]
     return abar / (1 - abar)
+
+
+def min_snr_weights(sched: NoiseSchedule, t, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) per timestep, for the loss on the target of
+    ``sched.prediction_type``: ``min(snr, gamma) / snr`` (epsilon), ``/ (snr + 1)`` (v) or
+    ``min(snr, gamma)`` (sample). ``gamma`` 0 or None: all ones."""
+    s = snr(sched, t)
+    if not gamma:
+        return jnp.ones_like(s)
+    clipped = jnp.minimum(s, gamma)
+    if sched.prediction_type == "epsilon":
+        return clipped / s
+    if sched.prediction_type == "v_prediction":
+        return clipped / (s + 1)
+    return clipped

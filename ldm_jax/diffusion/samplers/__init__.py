@@ -4,12 +4,7 @@ To add a sampler: write a :class:`Sampler` subclass (its own file) and add it to
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Mapping
-
-import jax
-import jax.numpy as jnp
-from jax import lax
+from typing import Any, Mapping
 
 from ldm_jax.diffusion.samplers.base import (
     TIMESTEP_SPACINGS,
@@ -45,8 +40,7 @@ def sampler_class(name: str) -> type[Sampler]:
 
 def sampler_options(name: str) -> tuple[str, ...]:
     """Keyword options ``get_sampler`` accepts for sampler ``name``."""
-    params = inspect.signature(sampler_class(name).create).parameters
-    return tuple(p for p in params if p not in ("schedule", "num_inference_steps"))
+    return ("timestep_spacing", "steps_offset") + sampler_class(name).option_names()
 
 
 def get_sampler(
@@ -64,14 +58,11 @@ def get_sampler(
     (``sampler_options(name)``), e.g. ``eta`` (ddim), ``use_karras_sigmas`` (dpmpp_2m, euler).
     """
     cls = sampler_class(name)
-    unknown = sorted(set(opts) - set(sampler_options(name)))
+    unknown = sorted(set(opts) - set(cls.option_names()))
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for sampler {name!r}; accepted: {sampler_options(name)}"
-        )
-    return cls.create(
-        schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset, **opts
-    )
+        raise ValueError(f"unknown option(s) {unknown} for sampler {name!r}; accepted: {cls.option_names()}")
+    return cls.create(schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                      **opts)
 
 
 def get_sampler_from_config(
@@ -89,39 +80,6 @@ def get_sampler_from_config(
     return get_sampler(name, schedule, num_inference_steps, **opts)
 
 
-def denoise(
-    sampler: Sampler,
-    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    sample: jax.Array,
-    rng: jax.Array | None = None,
-    start: int = 0,
-) -> jax.Array:
-    """Runs ``sampler`` from step ``start`` to the end in a ``lax.fori_loop``.
-
-    Args:
-      model_fn: ``(scaled_sample, timestep) -> model_output`` (e.g. a CFG-wrapped UNet).
-      sample: the initial sample, already scaled by ``init_noise_sigma`` (or noised by
-        ``sampler.add_noise(x0, noise, start)`` for img2img).
-      rng: PRNG key for stochastic samplers; step ``i`` uses ``normal(fold_in(rng, i))``.
-    Returns:
-      The final sample, shaped like ``sample``.
-    """
-    stochastic = sampler.stochastic
-    if stochastic and rng is None:
-        raise ValueError(f"{type(sampler).__name__} is stochastic: pass `rng`")
-
-    def body(i, carry):
-        x, state = carry
-        out = model_fn(sampler.scale_model_input(state, x, i), sampler.timesteps[i])
-        noise = None
-        if stochastic:
-            noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-        return sampler.step(state, out, x, i, noise)
-
-    x, _ = lax.fori_loop(start, sampler.num_steps, body, (sample, sampler.init(sample)))
-    return x
-
-
 __all__ = [
     "ALIASES",
     "SAMPLERS",
@@ -134,7 +92,6 @@ __all__ = [
     "PNDMSampler",
     "Sampler",
     "SamplerState",
-    "denoise",
     "get_sampler",
     "get_sampler_from_config",
     "sampler_class",

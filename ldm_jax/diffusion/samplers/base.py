@@ -17,6 +17,7 @@ at ``start > 0`` for img2img), while ``i`` always indexes the full ``timesteps``
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import jax
@@ -128,7 +129,31 @@ class Sampler(struct.PyTreeNode):
     buffers: ClassVar[dict[str, tuple[int, ...]]] = {}
 
     @classmethod
-    def create(cls, schedule: NoiseSchedule, num_inference_steps: int, **kwargs: Any) -> "Sampler":
+    def create(cls, schedule: NoiseSchedule, num_inference_steps: int, timestep_spacing: str | None = None,
+               steps_offset: int = 0, **options: Any) -> "Sampler":
+        """The sampler for ``num_inference_steps`` steps of ``schedule``.
+
+        ``timestep_spacing`` is ``leading`` (plus ``steps_offset``), ``trailing`` or ``linspace``;
+        None takes the diffusers default of this sampler. ``options``: :meth:`option_names`.
+        """
+        n = check_steps(schedule, num_inference_steps)
+        spacing = check_spacing(timestep_spacing or cls.default_spacing)
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; accepted: {cls.option_names()}")
+        fields = cls._setup(schedule, n, spacing, int(steps_offset), **options)
+        return cls(schedule=schedule, num_inference_steps=n, **fields)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The keyword options of :meth:`create` besides the spacing (from :meth:`_setup`'s signature)."""
+        params = list(inspect.signature(cls._setup).parameters)
+        return tuple(params[4:])  # after schedule, n, spacing, steps_offset
+
+    @classmethod
+    def _setup(cls, schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int) -> dict[str, Any]:
+        """This sampler's fields (``timesteps``, ``init_noise_sigma``, its own) for ``n`` steps; its
+        keyword arguments after ``steps_offset`` are its options."""
         raise NotImplementedError
 
     @property

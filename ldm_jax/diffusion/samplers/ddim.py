@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ldm_jax.diffusion.samplers.base import Sampler, check_steps, gather, spaced_timesteps
+from ldm_jax.diffusion.samplers.base import Sampler, gather, spaced_timesteps
 from ldm_jax.diffusion.schedules import NoiseSchedule, x0_eps_from_output
 
 
@@ -25,34 +25,14 @@ class DDIMSampler(Sampler):
         return self.eta > 0
 
     @classmethod
-    def create(
-        cls,
-        schedule: NoiseSchedule,
-        num_inference_steps: int,
-        timestep_spacing: str | None = None,
-        steps_offset: int = 0,
-        eta: float = 0.0,
-        set_alpha_to_one: bool = False,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-    ) -> "DDIMSampler":
-        n = check_steps(schedule, num_inference_steps)
+    def _setup(cls, schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int, eta: float = 0.0,
+               set_alpha_to_one: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0) -> dict:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        ts = spaced_timesteps(
-            schedule.num_train_timesteps, n, timestep_spacing or cls.default_spacing, steps_offset
-        ).round().astype(np.int32)
+        ts = spaced_timesteps(schedule.num_train_timesteps, n, spacing, steps_offset).round().astype(np.int32)
         final = 1.0 if set_alpha_to_one else float(np.asarray(schedule.alphas_cumprod)[0])
-        return cls(
-            schedule=schedule,
-            timesteps=jnp.asarray(ts),
-            num_inference_steps=n,
-            init_noise_sigma=1.0,
-            eta=float(eta),
-            final_alpha_cumprod=final,
-            clip_sample=bool(clip_sample),
-            clip_sample_range=float(clip_sample_range),
-        )
+        return dict(timesteps=jnp.asarray(ts), init_noise_sigma=1.0, eta=float(eta), final_alpha_cumprod=final,
+                    clip_sample=bool(clip_sample), clip_sample_range=float(clip_sample_range))
 
     def step(self, state, model_output, sample, i, noise=None):
         dtype = sample.dtype

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ldm_jax.diffusion.samplers.base import Sampler, check_steps, gather, spaced_timesteps
+from ldm_jax.diffusion.samplers.base import Sampler, gather, spaced_timesteps
 from ldm_jax.diffusion.schedules import NoiseSchedule, x0_eps_from_output
 
 
@@ -20,29 +20,12 @@ class DDPMSampler(Sampler):
     stochastic = True
 
     @classmethod
-    def create(
-        cls,
-        schedule: NoiseSchedule,
-        num_inference_steps: int,
-        timestep_spacing: str | None = None,
-        steps_offset: int = 0,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-    ) -> "DDPMSampler":
-        n = check_steps(schedule, num_inference_steps)
-        ts = spaced_timesteps(
-            schedule.num_train_timesteps, n, timestep_spacing or cls.default_spacing, steps_offset
-        ).round().astype(np.int32)
+    def _setup(cls, schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int, clip_sample: bool = False,
+               clip_sample_range: float = 1.0) -> dict:
+        ts = spaced_timesteps(schedule.num_train_timesteps, n, spacing, steps_offset).round().astype(np.int32)
         prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
-        return cls(
-            schedule=schedule,
-            timesteps=jnp.asarray(ts),
-            num_inference_steps=n,
-            init_noise_sigma=1.0,
-            prev_timesteps=jnp.asarray(prev),
-            clip_sample=bool(clip_sample),
-            clip_sample_range=float(clip_sample_range),
-        )
+        return dict(timesteps=jnp.asarray(ts), init_noise_sigma=1.0, prev_timesteps=jnp.asarray(prev),
+                    clip_sample=bool(clip_sample), clip_sample_range=float(clip_sample_range))
 
     def step(self, state, model_output, sample, i, noise=None):
         noise = self._require_noise(noise)

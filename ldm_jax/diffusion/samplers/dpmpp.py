@@ -7,8 +7,6 @@ from flax import struct
 
 from ldm_jax.diffusion.samplers.base import (
     Sampler,
-    check_spacing,
-    check_steps,
     gather,
     karras_sigmas,
     sigma_alphas_cumprod,
@@ -19,7 +17,6 @@ from ldm_jax.diffusion.schedules import NoiseSchedule
 
 def _dpm_timesteps(num_train: int, n: int, spacing: str, steps_offset: int) -> np.ndarray:
     """diffusers ``DPMSolverMultistepScheduler`` spacing (it drops the last of n + 1 points)."""
-    check_spacing(spacing)
     if spacing == "linspace":
         return np.linspace(0, num_train - 1, n + 1).round()[::-1][:-1].copy()
     if spacing == "leading":
@@ -56,24 +53,13 @@ class DPMSolverPlusPlus2MSampler(Sampler):
     buffers = {"x0": (2,)}
 
     @classmethod
-    def create(
-        cls,
-        schedule: NoiseSchedule,
-        num_inference_steps: int,
-        timestep_spacing: str | None = None,
-        steps_offset: int = 0,
-        use_karras_sigmas: bool = False,
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        final_sigmas_type: str = "zero",
-        solver_type: str = "midpoint",
-    ) -> "DPMSolverPlusPlus2MSampler":
-        n = check_steps(schedule, num_inference_steps)
+    def _setup(cls, schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int, use_karras_sigmas: bool = False,
+               lower_order_final: bool = True, euler_at_final: bool = False, final_sigmas_type: str = "zero",
+               solver_type: str = "midpoint") -> dict:
         if solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-        spacing = timestep_spacing or cls.default_spacing
         ts = _dpm_timesteps(schedule.num_train_timesteps, n, spacing, steps_offset)
         ac = sigma_alphas_cumprod(schedule)
         all_sigmas = ((1 - ac) / ac) ** 0.5
@@ -88,19 +74,9 @@ class DPMSolverPlusPlus2MSampler(Sampler):
             sigmas = np.interp(ts, np.arange(0, len(all_sigmas)), all_sigmas)
         sigma_last = 0.0 if final_sigmas_type == "zero" else float(((1 - ac[0]) / ac[0]) ** 0.5)
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        num_steps = len(ts)
-        final_lower = (
-            euler_at_final or (lower_order_final and num_steps < 15) or final_sigmas_type == "zero"
-        )
-        return cls(
-            schedule=schedule,
-            timesteps=jnp.asarray(_as_timesteps(ts)),
-            num_inference_steps=n,
-            init_noise_sigma=1.0,
-            sigmas=jnp.asarray(sigmas),
-            solver_type=solver_type,
-            final_lower_order=bool(final_lower),
-        )
+        final_lower = euler_at_final or (lower_order_final and len(ts) < 15) or final_sigmas_type == "zero"
+        return dict(timesteps=jnp.asarray(_as_timesteps(ts)), init_noise_sigma=1.0, sigmas=jnp.asarray(sigmas),
+                    solver_type=solver_type, final_lower_order=bool(final_lower))
 
     def step(self, state, model_output, sample, i, noise=None):
         del noise

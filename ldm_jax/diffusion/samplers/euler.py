@@ -11,7 +11,6 @@ import numpy as np
 
 from ldm_jax.diffusion.samplers.base import (
     Sampler,
-    check_steps,
     gather,
     karras_sigmas,
     sigma_alphas_cumprod,
@@ -35,6 +34,12 @@ def _init_noise_sigma(sigmas: np.ndarray, spacing: str) -> float:
     if spacing in ("linspace", "trailing"):
         return float(max_sigma)
     return float((max_sigma**2 + np.float32(1)) ** np.float32(0.5))
+
+
+def _sigma_fields(ts: np.ndarray, sigmas: np.ndarray, sigma_last: float, spacing: str) -> dict:
+    """The fields of a sigma-space sampler: ``sigmas`` with the final level appended (float32)."""
+    sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+    return dict(timesteps=jnp.asarray(ts), init_noise_sigma=_init_noise_sigma(sigmas, spacing), sigmas=jnp.asarray(sigmas))
 
 
 class _SigmaSampler(Sampler):
@@ -64,33 +69,17 @@ class EulerSampler(_SigmaSampler):
     """diffusers ``EulerDiscreteScheduler`` (no churn): deterministic Euler steps in sigma."""
 
     @classmethod
-    def create(
-        cls,
-        schedule: NoiseSchedule,
-        num_inference_steps: int,
-        timestep_spacing: str | None = None,
-        steps_offset: int = 0,
-        use_karras_sigmas: bool = False,
-        final_sigmas_type: str = "zero",
-    ) -> "EulerSampler":
-        n = check_steps(schedule, num_inference_steps)
+    def _setup(cls, schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int, use_karras_sigmas: bool = False,
+               final_sigmas_type: str = "zero") -> dict:
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-        spacing = timestep_spacing or cls.default_spacing
         ts, sigmas, all_sigmas = _euler_sigmas(schedule, n, spacing, steps_offset)
         if use_karras_sigmas:
             sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
             ts = sigma_to_t(sigmas, np.log(all_sigmas)).astype(np.float32)
         ac0 = sigma_alphas_cumprod(schedule)[0]
         sigma_last = 0.0 if final_sigmas_type == "zero" else ((1 - ac0) / ac0) ** 0.5
-        sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        return cls(
-            schedule=schedule,
-            timesteps=jnp.asarray(ts),
-            num_inference_steps=n,
-            init_noise_sigma=_init_noise_sigma(sigmas, spacing),
-            sigmas=jnp.asarray(sigmas),
-        )
+        return _sigma_fields(ts, sigmas, sigma_last, spacing)
 
     def step(self, state, model_output, sample, i, noise=None):
         del noise
@@ -109,26 +98,11 @@ class EulerAncestralSampler(_SigmaSampler):
     stochastic = True
 
     @classmethod
-    def create(
-        cls,
-        schedule: NoiseSchedule,
-        num_inference_steps: int,
-        timestep_spacing: str | None = None,
-        steps_offset: int = 0,
-    ) -> "EulerAncestralSampler":
-        n = check_steps(schedule, num_inference_steps)
+    def _setup(cls, schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int) -> dict:
         if schedule.prediction_type == "sample":
             raise ValueError("euler_a supports prediction_type epsilon or v_prediction, not 'sample'")
-        spacing = timestep_spacing or cls.default_spacing
         ts, sigmas, _ = _euler_sigmas(schedule, n, spacing, steps_offset)
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        return cls(
-            schedule=schedule,
-            timesteps=jnp.asarray(ts),
-            num_inference_steps=n,
-            init_noise_sigma=_init_noise_sigma(sigmas, spacing),
-            sigmas=jnp.asarray(sigmas),
-        )
+        return _sigma_fields(ts, sigmas, 0.0, spacing)
 
     def step(self, state, model_output, sample, i, noise=None):
         noise = self._require_noise(noise)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ldm_jax.diffusion.samplers.base import Sampler, check_spacing, check_steps, gather, spaced_timesteps
+from ldm_jax.diffusion.samplers.base import Sampler, gather, spaced_timesteps
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
 # Adams-Bashforth weights over the eps buffer (oldest first) by number of stored outputs.
@@ -33,34 +33,19 @@ class PNDMSampler(Sampler):
     buffers = {"ets": (4,), "cur_sample": ()}
 
     @classmethod
-    def create(
-        cls,
-        schedule: NoiseSchedule,
-        num_inference_steps: int,
-        timestep_spacing: str | None = None,
-        steps_offset: int = 0,
-        set_alpha_to_one: bool = False,
-        skip_prk_steps: bool = True,
-    ) -> "PNDMSampler":
-        n = check_steps(schedule, num_inference_steps)
+    def _setup(cls, schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int, set_alpha_to_one: bool = False,
+               skip_prk_steps: bool = True) -> dict:
         if not skip_prk_steps:
             raise ValueError("only skip_prk_steps=True (PLMS, as Stable Diffusion uses) is supported")
         if schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
                 f"PNDM supports prediction_type epsilon or v_prediction, got {schedule.prediction_type!r}"
             )
-        spacing = check_spacing(timestep_spacing or cls.default_spacing)
         ts = spaced_timesteps(schedule.num_train_timesteps, n, spacing, steps_offset)[::-1]
         ts = ts.round().astype(np.int32)  # ascending
         plms = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].astype(np.int32)
         final = 1.0 if set_alpha_to_one else float(np.asarray(schedule.alphas_cumprod)[0])
-        return cls(
-            schedule=schedule,
-            timesteps=jnp.asarray(plms),
-            num_inference_steps=n,
-            init_noise_sigma=1.0,
-            final_alpha_cumprod=final,
-        )
+        return dict(timesteps=jnp.asarray(plms), init_noise_sigma=1.0, final_alpha_cumprod=final)
 
     def step(self, state, model_output, sample, i, noise=None):
         del noise
