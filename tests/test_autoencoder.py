@@ -125,7 +125,7 @@ def test_kl_bad_inputs_are_clear_errors():
 
 
 def test_full_size_parameter_count_sd_v1():
-    from configs import sd_v1
+    from ldm_jax.configs import sd_v1
 
     model = AutoencoderKL(**sd_v1.get_config().vae)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

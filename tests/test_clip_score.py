@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_jax.convert.torch_flax import WeightsError
+from ldm_jax.convert.torch_flax import WeightsError, clip_params_from_torch
 from ldm_jax.eval.clip_score import clip_score, clip_scores, load_clip, preprocess_images
-from ldm_jax.models.clip_vision import clip_model_from_config, clip_params_from_torch
+from ldm_jax.models.clip_vision import clip_model_from_config
 from tiny_clip import IMAGE_SIZE, write_tiny_clip_folder
 
 TOL = 1e-4

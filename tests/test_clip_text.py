@@ -12,8 +12,8 @@ import transformers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm_jax.config_utils import load_config
-from ldm_jax.convert.torch_flax import WeightsError, flax_to_torch
-from ldm_jax.models.clip_text import CLIPTextModel, clip_text_from_config, clip_text_params_from_torch
+from ldm_jax.convert.torch_flax import WeightsError, clip_text_params_from_torch, flax_to_torch
+from ldm_jax.models.clip_text import CLIPTextModel, clip_text_from_config
 from ldm_jax.models.tokenizer import PromptTokenizer
 from tiny_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, write_tiny_clip_tokenizer
 
@@ -206,7 +206,7 @@ def _fields(model):
 
 
 def _config(name):
-    return load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    return load_config(os.path.join(ROOT, "ldm_jax", "configs", f"{name}.py"))
 
 
 def _count_flax(text_cfg):

@@ -1,5 +1,6 @@
-"""The CPU tap-matmul kernel gradient (``LDM_JAX_CONV_KERNEL_GRAD=taps``) equals XLA's convolution
-gradient (values and input grads); by default XLA's own gradient is used."""
+"""The CPU tap-matmul kernel gradient (``set_kernel_grad_mode("taps")``, the CPU tuning's
+``LDM_JAX_CONV_KERNEL_GRAD=taps``) equals XLA's convolution gradient (values and input grads); by
+default XLA's own gradient is used."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,10 @@ DN = lax.conv_dimension_numbers((1, 8, 8, 3), (3, 3, 3, 4), ("NHWC", "HWIO", "NH
 
 
 @pytest.fixture
-def taps(monkeypatch):
-    monkeypatch.setenv(conv.KERNEL_GRAD_ENV, "taps")
+def taps():
+    conv.set_kernel_grad_mode("taps")
+    yield
+    conv.set_kernel_grad_mode("xla")
 
 
 def _has_custom_vjp(fn, *args) -> bool:
@@ -67,8 +70,7 @@ def test_bf16_weight_grad_keeps_dtype(taps):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=0.5)
 
 
-def test_default_is_xla_own_gradient(monkeypatch):
-    monkeypatch.delenv(conv.KERNEL_GRAD_ENV, raising=False)
+def test_default_is_xla_own_gradient():
     x = jax.random.normal(jax.random.key(5), (2, 8, 8, 3))
     w = jax.random.normal(jax.random.key(6), (3, 3, 3, 4))
     def f():  # a new function each time: the mode is read when a function is traced
@@ -76,11 +78,15 @@ def test_default_is_xla_own_gradient(monkeypatch):
 
     assert conv.kernel_grad_mode() == "xla"
     assert not _has_custom_vjp(f(), x, w)
-    monkeypatch.setenv(conv.KERNEL_GRAD_ENV, "taps")
-    assert _has_custom_vjp(f(), x, w)
+    try:
+        conv.set_kernel_grad_mode("taps")
+        assert _has_custom_vjp(f(), x, w)
+    finally:
+        conv.set_kernel_grad_mode("xla")
+    assert not _has_custom_vjp(f(), x, w)
 
 
-def test_unknown_kernel_grad_mode_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(conv.KERNEL_GRAD_ENV, "winograd")
+def test_unknown_kernel_grad_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="LDM_JAX_CONV_KERNEL_GRAD"):
-        conv_general_dilated(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), (1, 1), "SAME", dimension_numbers=DN)
+        conv.set_kernel_grad_mode("winograd")
+    assert conv.kernel_grad_mode() == "xla"  # unchanged

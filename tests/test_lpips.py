@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn as tnn
 
+from ldm_jax.convert.lpips import load_lpips_params, lpips_params_from_torch
 from ldm_jax.convert.torch_flax import WeightsError
-from ldm_jax.models.lpips import LPIPS, load_lpips_params, lpips_params_from_torch
+from ldm_jax.models.lpips import LPIPS
 
 
 def _vgg16_features():

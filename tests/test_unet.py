@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from configs import sd_v1, sd_v2
+from ldm_jax.configs import sd_v1, sd_v2
 from ldm_jax.convert.torch_flax import torch_to_flax
 from ldm_jax.models.unet import UNet2DConditionModel, get_timestep_embedding, unet_from_config
 

@@ -19,6 +19,10 @@ A numeric component of a PyTorch key is joined to the one before it with ``_``
 The Flax leaf name (``kernel``/``scale``/``embedding``) is read off the target parameter tree,
 so the table needs no per-model exceptions. A 1x1 conv stored where a linear layer is expected
 (old VAE attention checkpoints) is squeezed to a matrix.
+
+The per-model entry points (:func:`autoencoder_params_from_torch`, :func:`clip_text_params_from_torch`,
+:func:`clip_params_from_torch`) only add what a model's checkpoints carry beyond the table: buffers
+to drop, a key prefix to restore. The UNet needs none and uses :func:`torch_to_flax` directly.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ __all__ = [
     "flax_path_to_torch_key",
     "torch_to_flax",
     "flax_to_torch",
+    "autoencoder_params_from_torch",
+    "clip_text_params_from_torch",
+    "clip_params_from_torch",
 ]
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
@@ -160,6 +167,43 @@ def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         flax_path_to_torch_key(path): np.ascontiguousarray(_to_torch_value(path[-1], np.asarray(v)))
         for path, v in flat.items()
     }
+
+
+def autoencoder_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, Any], *,
+                                  source: str = "autoencoder state dict", dtype: Any = None) -> dict:
+    """Map a diffusers ``AutoencoderKL``/``VQModel`` state dict onto the params ``target``.
+
+    ``target`` is the ``params`` collection (arrays or ``jax.eval_shape`` structs). Old diffusers
+    checkpoints with 1x1-conv attention weights are squeezed by the mapping table. Raises
+    ``WeightsError`` naming missing/unexpected keys.
+    """
+    return torch_to_flax(state_dict, target, source=source, dtype=dtype)
+
+
+def clip_text_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, Any], *,
+                                source: str = "CLIP text encoder state dict", dtype: Any = None) -> dict:
+    """Map a transformers ``CLIPTextModel`` state dict onto ``ldm_jax.models.clip_text.CLIPTextModel``
+    params ``target``.
+
+    Accepts keys with the ``text_model.`` prefix (checkpoint files, transformers 4) or without it
+    (in-memory ``state_dict()`` of transformers 5); drops the ``position_ids`` buffer. ``target``
+    is the ``params`` collection (arrays or ``jax.eval_shape`` structs). Raises ``WeightsError``.
+    """
+    if state_dict and not any(k.startswith("text_model.") for k in state_dict):
+        state_dict = {f"text_model.{k}": v for k, v in state_dict.items()}
+    return torch_to_flax(state_dict, target, source=source, ignore=(r"position_ids$",), dtype=dtype)
+
+
+def clip_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, Any], *,
+                           source: str = "CLIP state dict", dtype: Any = None) -> dict:
+    """Map a transformers ``CLIPModel`` state dict onto ``ldm_jax.models.clip_vision.CLIPModel``
+    params ``target``.
+
+    The keys (``vision_model.embeddings.class_embedding``, ``logit_scale``, ...) go through the
+    shared table as they are; the ``position_ids`` buffers are dropped. ``target``: the ``params``
+    collection (arrays or ``jax.eval_shape`` structs). Raises ``WeightsError``.
+    """
+    return torch_to_flax(state_dict, target, source=source, ignore=(r"position_ids$",), dtype=dtype)
 
 
 def _preview(items: list[str], n: int = 8) -> str:

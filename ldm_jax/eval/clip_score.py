@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.convert.torch_flax import WeightsError
-from ldm_jax.models.clip_vision import CLIPModel, clip_model_from_config, clip_params_from_torch
+from ldm_jax.convert.torch_flax import WeightsError, clip_params_from_torch
+from ldm_jax.models.clip_vision import CLIPModel, clip_model_from_config
 from ldm_jax.models.tokenizer import PromptTokenizer
 
 __all__ = [

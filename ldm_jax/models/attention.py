@@ -44,9 +44,8 @@ def _dot_product(q, k, v, mask, scale, upcast):
 
 
 # Logits per block of the unmasked blocked attention when no chunk size is given: ~6 MiB of float32,
-# what stays in this CPU's L2/L3 between the logits dot, the exp and the value dot. Against 64-query
-# blocks over all heads, on the 2-core development machine (batch 4, 8 heads of 8, forward, best of
-# 8 interleaved rounds): 1024 tokens 19.1 -> 17.5 ms, 256 tokens 1.46 -> 1.40, 1024x77 3.0 -> 1.9.
+# what stays in a CPU's L2/L3 between the logits dot, the exp and the value dot (faster than blocks
+# of 64 queries over all heads at every measured size; figures in docs/benchmarks.md).
 BLOCK_ELEMENTS = 3 << 19
 # Head dimensions up to this take the multiply-reduce backward (see _backward_block).
 SMALL_HEAD_DIM = 16
@@ -60,9 +59,8 @@ def block_plan(batch: int, heads: int, q_len: int, kv_len: int, chunk_size: int 
     batch sharded over a mesh stays sharded inside the loop; blocks split heads and queries only.
     ``chunk_size`` given: that many queries per block over all heads. Otherwise blocks of about
     ``block_elements`` logits: all queries when ``min_heads`` heads fit (else a power of two of
-    them, at least 8), and as many heads (a divisor of ``heads``) as fit. One block when all fit
-    (forward + backward, 2 x 256 tokens x 8 heads of 8: one block 3.6 ms, two 3.7; the demo UNet's
-    16 x 64 tokens x 4 heads of 16: one block 1.8 ms, two 2.8).
+    them, at least 8), and as many heads (a divisor of ``heads``) as fit. One block when all fit:
+    splitting a block that fits was never faster.
     """
     if chunk_size is not None:
         return heads, max(1, min(int(chunk_size), q_len))
@@ -229,8 +227,7 @@ def _backward_block(carry, xs, kk, vv):
     With a small head dimension ``D`` the three products that contract the long axis (dV = P^T dO,
     dQ = dS K, dK = dS^T Q) have only ``D`` output columns, which XLA:CPU's matmuls run at a few
     GFLOP/s; as ``D`` multiply-reduce passes over the block that XLA fuses with the
-    probabilities they are 1.3-2.6x faster for D = 16..4 (the tiny training UNet's 256-token
-    self-attention with 4-dim heads, forward and backward: 56 -> 22 ms). They need several heads per
+    probabilities they are 1.3-2.6x faster for D = 16..4. They need several heads per
     block (the backward plan asks for at least 4): with one head of 1024 queries the query-axis
     reductions run 10x slower than the matmuls.
     """

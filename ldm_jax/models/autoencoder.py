@@ -4,8 +4,10 @@ The module trees mirror diffusers' ``AutoencoderKL`` / ``VQModel`` name for name
 (``encoder.down_blocks.{i}.resnets.{j}.conv1``, ``encoder.mid_block.attentions.0.to_q``,
 ``decoder.up_blocks.{i}.upsamplers.0.conv``, ``quant_conv``, ``quantize.embedding``, ...), so a
 diffusers state dict maps onto the params through :func:`ldm_jax.convert.torch_flax.torch_to_flax`
-with no table (:func:`autoencoder_params_from_torch`). Attributes are diffusers ``config.json``
-names (:func:`vae_from_config`, :func:`vq_from_config` drop the others).
+with no table (``ldm_jax.convert.torch_flax.autoencoder_params_from_torch``). Attributes are
+diffusers ``config.json`` names (:func:`vae_from_config`, :func:`vq_from_config` drop the others).
+The resnets and resamplers are the shared ones of :mod:`ldm_jax.models.blocks`, with PyTorch's
+default kernel init and GroupNorm in the module dtype (eps 1e-6).
 
 Layout is NHWC: images ``[B, H, W, C]`` in [-1, 1], latents ``[B, H/f, W/f, latent_channels]``
 with ``f = 2 ** (len(block_out_channels) - 1)`` (8 for SD).
@@ -22,6 +24,7 @@ kernel is ``params['decoder']['conv_out']['kernel']`` (:data:`LAST_LAYER`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,10 +35,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.convert.torch_flax import torch_to_flax
 from ldm_jax.models.attention import dot_product_attention
-from ldm_jax.models.conv import conv_general_dilated
-from ldm_jax.models.norm import GroupNorm
+from ldm_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 __all__ = [
     "LAST_LAYER",
@@ -55,7 +56,6 @@ __all__ = [
     "codebook_perplexity",
     "vae_from_config",
     "vq_from_config",
-    "autoencoder_params_from_torch",
 ]
 
 # Path of the decoder's last conv kernel in the params (the "last layer" of the adaptive GAN weight).
@@ -63,6 +63,8 @@ LAST_LAYER = ("decoder", "conv_out", "kernel")
 
 # PyTorch's default Conv/Linear weight init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
 _TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# GroupNorm eps of every norm in the autoencoders (diffusers' default).
+_NORM_EPS = 1e-6
 _ACT_FNS = ("silu", "swish")
 
 
@@ -120,62 +122,25 @@ class DiagonalGaussian:
 # Building blocks (diffusers names)
 
 
-def _conv(features, kernel, dtype, param_dtype, name, stride=1, padding=None):
-    pad = (kernel - 1) // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   conv_general_dilated=conv_general_dilated, dtype=dtype, param_dtype=param_dtype, kernel_init=_TORCH_KERNEL_INIT, name=name)
+def _conv(features, kernel, dtype, param_dtype, name):
+    return conv(features, kernel, dtype, param_dtype, name, kernel_init=_TORCH_KERNEL_INIT)
 
 
-def _group_norm(groups, dtype, param_dtype, name, eps=1e-6):
-    # Two-pass variance: the decoder's activations get large, where E[x^2] - E[x]^2 loses precision.
-    return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+@dataclasses.dataclass(frozen=True)
+class _LayerSpec:
+    """Settings every resnet and attention inside an encoder/decoder shares."""
 
+    groups: int
+    dtype: Any
+    param_dtype: Any
+    attention_impl: str
+    remat: bool
 
-class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-Conv3x3 twice plus a (1x1 conv when the width changes) skip; no time embedding."""
-
-    in_channels: int
-    out_channels: int
-    groups: int = 32
-    eps: float = 1e-6
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        h = nn.silu(_group_norm(self.groups, self.dtype, self.param_dtype, "norm1", self.eps)(x))
-        h = _conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv1")(h)
-        h = nn.silu(_group_norm(self.groups, self.dtype, self.param_dtype, "norm2", self.eps)(h))
-        h = _conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv2")(h)
-        if self.in_channels != self.out_channels:
-            x = _conv(self.out_channels, 1, self.dtype, self.param_dtype, "conv_shortcut")(x)
-        return x + h
-
-
-class Downsample2D(nn.Module):
-    """3x3 stride-2 conv after zero padding (0 top/left, 1 bottom/right), as the LDM/SD encoder."""
-
-    channels: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(self.channels, 3, self.dtype, self.param_dtype, "conv", stride=2, padding=0)(x)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
-
-    channels: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(self.channels, 3, self.dtype, self.param_dtype, "conv")(x)
+    def resnet(self, out_channels: int, name: str) -> nn.Module:
+        """A resnet without time embedding, PyTorch kernel init, GroupNorm in ``dtype``."""
+        cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        return cls(out_channels, self.groups, _NORM_EPS, kernel_init=_TORCH_KERNEL_INIT, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)
 
 
 class VAEAttention(nn.Module):
@@ -183,7 +148,7 @@ class VAEAttention(nn.Module):
 
     channels: int
     groups: int = 32
-    eps: float = 1e-6
+    eps: float = _NORM_EPS
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str = "auto"
@@ -191,7 +156,7 @@ class VAEAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, hh, ww, c = x.shape
-        h = _group_norm(self.groups, self.dtype, self.param_dtype, "group_norm", self.eps)(x)
+        h = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "group_norm")(x)
         h = h.reshape(b, hh * ww, c)
 
         def dense(name):
@@ -205,133 +170,126 @@ class VAEAttention(nn.Module):
 
 
 class UNetMidBlock2D(nn.Module):
-    """resnets_0 -> attentions_0 -> resnets_1 at the lowest resolution."""
+    """resnets_0 -> attentions_0 (if ``add_attention``) -> resnets_1 at the lowest resolution."""
 
     channels: int
-    groups: int = 32
+    spec: _LayerSpec
     add_attention: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention_impl: str = "auto"
-    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(self, x):
-        block = nn.remat(ResnetBlock2D) if self.gradient_checkpointing else ResnetBlock2D
-        kw = dict(groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = block(self.channels, self.channels, **kw, name="resnets_0")(x)
+        s = self.spec
+        x = s.resnet(self.channels, "resnets_0")(x)
         if self.add_attention:
-            x = VAEAttention(self.channels, attention_impl=self.attention_impl, **kw, name="attentions_0")(x)
-        return block(self.channels, self.channels, **kw, name="resnets_1")(x)
+            x = VAEAttention(self.channels, s.groups, dtype=s.dtype, param_dtype=s.param_dtype,
+                             attention_impl=s.attention_impl, name="attentions_0")(x)
+        return s.resnet(self.channels, "resnets_1")(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-    in_channels: int
+class _ResnetStack(nn.Module):
+    """``num_layers`` resnets to ``out_channels`` (``resnets_{j}``), then the subclass's resampler if
+    ``resample``: the one structure of diffusers' ``DownEncoderBlock2D`` and ``UpDecoderBlock2D``."""
+
     out_channels: int
     num_layers: int
-    add_downsample: bool
-    groups: int = 32
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    gradient_checkpointing: bool = False
+    spec: _LayerSpec
+    resample: bool = True
+
+    def resampler(self, **kw) -> nn.Module:
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x):
-        block = nn.remat(ResnetBlock2D) if self.gradient_checkpointing else ResnetBlock2D
         for j in range(self.num_layers):
-            cin = self.in_channels if j == 0 else self.out_channels
-            x = block(cin, self.out_channels, self.groups, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=f"resnets_{j}")(x)
-        if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.dtype, self.param_dtype, name="downsamplers_0")(x)
+            x = self.spec.resnet(self.out_channels, f"resnets_{j}")(x)
+        if self.resample:
+            x = self.resampler(kernel_init=_TORCH_KERNEL_INIT, dtype=self.spec.dtype,
+                               param_dtype=self.spec.param_dtype)(x)
         return x
 
 
-class UpDecoderBlock2D(nn.Module):
-    in_channels: int
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    groups: int = 32
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    gradient_checkpointing: bool = False
+class DownEncoderBlock2D(_ResnetStack):
+    """The resnets, then ``downsamplers_0`` (stride 2, LDM padding) if ``resample``."""
 
-    @nn.compact
-    def __call__(self, x):
-        block = nn.remat(ResnetBlock2D) if self.gradient_checkpointing else ResnetBlock2D
-        for j in range(self.num_layers):
-            cin = self.in_channels if j == 0 else self.out_channels
-            x = block(cin, self.out_channels, self.groups, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=f"resnets_{j}")(x)
-        if self.add_upsample:
-            x = Upsample2D(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(x)
-        return x
+    def resampler(self, **kw) -> nn.Module:
+        return Downsample2D(self.out_channels, padding=0, name="downsamplers_0", **kw)
 
 
-class Encoder(nn.Module):
-    """``[B, H, W, in_channels]`` -> ``[B, H/f, W/f, out_channels * (2 if double_z else 1)]``."""
+class UpDecoderBlock2D(_ResnetStack):
+    """The resnets, then ``upsamplers_0`` (nearest x2, conv) if ``resample``."""
+
+    def resampler(self, **kw) -> nn.Module:
+        return Upsample2D(self.out_channels, name="upsamplers_0", **kw)
+
+
+class _Arch(nn.Module):
+    """The architecture fields (diffusers ``config.json`` names) of the autoencoders, which pass
+    them on to their :class:`Encoder` and :class:`Decoder`."""
 
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: Sequence[int] = (64,)
-    layers_per_block: int = 2
+    layers_per_block: int = 1
     norm_num_groups: int = 32
-    double_z: bool = True
     mid_block_add_attention: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str = "auto"
     gradient_checkpointing: bool = False
+
+
+class _Coder(_Arch):
+    """What :class:`Encoder` and :class:`Decoder` share: the level blocks, ``mid_block`` and the
+    output head (``conv_norm_out`` -> SiLU -> ``conv_out``)."""
+
+    layers_per_block: int = 2  # diffusers' Encoder/Decoder default (the autoencoders' is 1)
+
+    @nn.nowrap
+    def _spec(self) -> _LayerSpec:
+        return _LayerSpec(self.norm_num_groups, self.dtype, self.param_dtype, self.attention_impl,
+                          self.gradient_checkpointing)
+
+    def _conv3(self, features: int, name: str) -> nn.Module:
+        return _conv(features, 3, self.dtype, self.param_dtype, name)
+
+    def _levels(self, x, block: type[_ResnetStack], chans: Sequence[int], num_layers: int, prefix: str):
+        """One ``block`` per level (``{prefix}_{i}``), resampling after every level but the last."""
+        for i, c in enumerate(chans):
+            x = block(c, num_layers, self._spec(), resample=i < len(chans) - 1, name=f"{prefix}_{i}")(x)
+        return x
+
+    def _mid_block(self, x, channels: int):
+        return UNetMidBlock2D(channels, self._spec(), self.mid_block_add_attention, name="mid_block")(x)
+
+    def _head(self, x, features: int):
+        norm = group_norm(self.norm_num_groups, _NORM_EPS, self.dtype, self.param_dtype, "conv_norm_out")
+        return self._conv3(features, "conv_out")(nn.silu(norm(x)))
+
+
+class Encoder(_Coder):
+    """``[B, H, W, in_channels]`` -> ``[B, H/f, W/f, out_channels * (2 if double_z else 1)]``."""
+
+    double_z: bool = True
 
     @nn.compact
     def __call__(self, x):
         chans = tuple(self.block_out_channels)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = _conv(chans[0], 3, name="conv_in", **kw)(x)
-        cout = chans[0]
-        for i, c in enumerate(chans):
-            cin, cout = cout, c
-            x = DownEncoderBlock2D(cin, cout, self.layers_per_block, add_downsample=i < len(chans) - 1,
-                                   groups=self.norm_num_groups, gradient_checkpointing=self.gradient_checkpointing,
-                                   **kw, name=f"down_blocks_{i}")(x)
-        x = UNetMidBlock2D(chans[-1], self.norm_num_groups, self.mid_block_add_attention,
-                           attention_impl=self.attention_impl, gradient_checkpointing=self.gradient_checkpointing,
-                           **kw, name="mid_block")(x)
-        x = nn.silu(_group_norm(self.norm_num_groups, name="conv_norm_out", **kw)(x))
-        return _conv(2 * self.out_channels if self.double_z else self.out_channels, 3, name="conv_out", **kw)(x)
+        x = self._conv3(chans[0], "conv_in")(x)
+        x = self._levels(x, DownEncoderBlock2D, chans, self.layers_per_block, "down_blocks")
+        x = self._mid_block(x, chans[-1])
+        return self._head(x, 2 * self.out_channels if self.double_z else self.out_channels)
 
 
-class Decoder(nn.Module):
+class Decoder(_Coder):
     """``[B, h, w, in_channels]`` -> ``[B, h*f, w*f, out_channels]``; ``layers_per_block + 1`` resnets per level."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: Sequence[int] = (64,)
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    mid_block_add_attention: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention_impl: str = "auto"
-    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(self, z):
         chans = tuple(reversed(tuple(self.block_out_channels)))
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = _conv(chans[0], 3, name="conv_in", **kw)(z)
-        x = UNetMidBlock2D(chans[0], self.norm_num_groups, self.mid_block_add_attention,
-                           attention_impl=self.attention_impl, gradient_checkpointing=self.gradient_checkpointing,
-                           **kw, name="mid_block")(x)
-        cout = chans[0]
-        for i, c in enumerate(chans):
-            cin, cout = cout, c
-            x = UpDecoderBlock2D(cin, cout, self.layers_per_block + 1, add_upsample=i < len(chans) - 1,
-                                 groups=self.norm_num_groups, gradient_checkpointing=self.gradient_checkpointing,
-                                 **kw, name=f"up_blocks_{i}")(x)
-        x = nn.silu(_group_norm(self.norm_num_groups, name="conv_norm_out", **kw)(x))
-        return _conv(self.out_channels, 3, name="conv_out", **kw)(x)
+        x = self._conv3(chans[0], "conv_in")(z)
+        x = self._mid_block(x, chans[0])
+        x = self._levels(x, UpDecoderBlock2D, chans, self.layers_per_block + 1, "up_blocks")
+        return self._head(x, self.out_channels)
 
 
 def _check_common(name, m):
@@ -364,11 +322,38 @@ def _check_latents(name, z, channels):
         raise ValueError(f"{name} expects NHWC latents [B, h, w, {channels}], got shape {z.shape}")
 
 
+class _Autoencoder(_Arch):
+    """What :class:`AutoencoderKL` and :class:`VQModel` share: the config fields beyond the
+    architecture's, and the encoder/decoder pair."""
+
+    down_block_types: Sequence[str] | None = None  # accepted for config.json; must be DownEncoderBlock2D
+    up_block_types: Sequence[str] | None = None  # accepted for config.json; must be UpDecoderBlock2D
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    sample_size: Any = 32
+    scaling_factor: float = 0.18215
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(tuple(self.block_out_channels)) - 1)
+
+    @nn.nowrap
+    def _setup_coders(self, double_z: bool) -> None:
+        """From ``setup``: check the config, then make ``self.encoder`` and ``self.decoder``."""
+        _check_common(type(self).__name__, self)
+        kw = dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
+                  norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
+                  dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                  gradient_checkpointing=self.gradient_checkpointing)
+        self.encoder = Encoder(self.in_channels, self.latent_channels, double_z=double_z, **kw)
+        self.decoder = Decoder(self.latent_channels, self.out_channels, **kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # KL autoencoder
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(_Autoencoder):
     """The KL-regularised autoencoder of LDM / Stable Diffusion (diffusers ``AutoencoderKL``).
 
     Methods (``model.apply({"params": p}, ..., method=AutoencoderKL.encode)``):
@@ -381,46 +366,20 @@ class AutoencoderKL(nn.Module):
     are carried for the pipelines; they do not change the network.
     """
 
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: Sequence[str] | None = None  # accepted for config.json; must be DownEncoderBlock2D
-    up_block_types: Sequence[str] | None = None  # accepted for config.json; must be UpDecoderBlock2D
-    block_out_channels: Sequence[int] = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: Any = 32
-    scaling_factor: float = 0.18215
     shift_factor: float | None = None
     latents_mean: Sequence[float] | None = None
     latents_std: Sequence[float] | None = None
     force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention_impl: str = "auto"
-    gradient_checkpointing: bool = False
 
     def setup(self):
-        _check_common("AutoencoderKL", self)
-        kw = dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
-                  norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
-                  dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                  gradient_checkpointing=self.gradient_checkpointing)
-        self.encoder = Encoder(self.in_channels, self.latent_channels, double_z=True, **kw)
-        self.decoder = Decoder(self.latent_channels, self.out_channels, **kw)
+        self._setup_coders(double_z=True)
         lc = self.latent_channels
         self.quant_conv = (_conv(2 * lc, 1, self.dtype, self.param_dtype, None)
                            if self.use_quant_conv else None)
         self.post_quant_conv = (_conv(lc, 1, self.dtype, self.param_dtype, None)
                                 if self.use_post_quant_conv else None)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(tuple(self.block_out_channels)) - 1)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """Images ``[B, H, W, C]`` in [-1, 1] (H, W multiples of the downsample factor) -> posterior."""
@@ -523,7 +482,7 @@ def _uniform_init(limit):
     return init
 
 
-class VQModel(nn.Module):
+class VQModel(_Autoencoder):
     """The VQ-regularised autoencoder of LDM (diffusers ``VQModel``).
 
     Methods (``model.apply({"params": p}, ..., method=VQModel.encode)``):
@@ -535,38 +494,17 @@ class VQModel(nn.Module):
       __call__: ``x`` -> ``(reconstruction, info)``; ``info['codebook_loss']`` is the regulariser.
     """
 
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: Sequence[str] | None = None
-    up_block_types: Sequence[str] | None = None
-    block_out_channels: Sequence[int] = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
     latent_channels: int = 3
-    sample_size: Any = 32
     num_vq_embeddings: int = 256
-    norm_num_groups: int = 32
     vq_embed_dim: int | None = None
-    scaling_factor: float = 0.18215
     norm_type: str = "group"
-    mid_block_add_attention: bool = True
     beta: float = 0.25
     legacy: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention_impl: str = "auto"
-    gradient_checkpointing: bool = False
 
     def setup(self):
-        _check_common("VQModel", self)
+        self._setup_coders(double_z=False)
         if self.norm_type != "group":
             raise ValueError(f"VQModel: only norm_type 'group' is supported, got {self.norm_type!r}")
-        kw = dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
-                  norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
-                  dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                  gradient_checkpointing=self.gradient_checkpointing)
-        self.encoder = Encoder(self.in_channels, self.latent_channels, double_z=False, **kw)
-        self.decoder = Decoder(self.latent_channels, self.out_channels, **kw)
         self.quant_conv = _conv(self.embed_dim, 1, self.dtype, self.param_dtype, None)
         self.quantize = VectorQuantizer(self.num_vq_embeddings, self.embed_dim, self.beta, self.legacy,
                                         self.dtype, self.param_dtype)
@@ -607,7 +545,7 @@ class VQModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Construction and weights
+# Construction
 
 
 def _read_config(config):
@@ -643,14 +581,3 @@ def vae_from_config(config: Mapping[str, Any] | str | os.PathLike, **overrides) 
 def vq_from_config(config: Mapping[str, Any] | str | os.PathLike, **overrides) -> VQModel:
     """As :func:`vae_from_config`, for :class:`VQModel`."""
     return _from_config(VQModel, config, overrides)
-
-
-def autoencoder_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, Any], *,
-                                  source: str = "autoencoder state dict", dtype: Any = None) -> dict:
-    """Map a diffusers ``AutoencoderKL``/``VQModel`` state dict onto the params ``target``.
-
-    ``target`` is the ``params`` collection (arrays or ``jax.eval_shape`` structs). Old diffusers
-    checkpoints with 1x1-conv attention weights are squeezed by the mapping table. Raises
-    ``WeightsError`` naming missing/unexpected keys.
-    """
-    return torch_to_flax(state_dict, target, source=source, dtype=dtype)

@@ -3,7 +3,8 @@
 The module tree mirrors transformers' ``CLIPTextModel`` (``text_model.embeddings.token_embedding``,
 ``text_model.encoder.layers.{i}.self_attn.q_proj``, ..., ``text_model.final_layer_norm``), so a
 ``CLIPTextModel`` state dict maps onto the params through :func:`ldm_jax.convert.torch_flax.torch_to_flax`
-with no table (see :func:`clip_text_params_from_torch`). Attributes are ``CLIPTextConfig`` names.
+with no table (see ``ldm_jax.convert.torch_flax.clip_text_params_from_torch``). Attributes are
+``CLIPTextConfig`` names.
 
 SD v1 conditions on ``last_hidden_state`` (CLIP ViT-L/14); SD v2 on OpenCLIP ViT-H's penultimate
 layer passed through the final LayerNorm. ``hidden_layer`` picks which one is returned as ``context``.
@@ -18,14 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.convert.torch_flax import torch_to_flax
 from ldm_jax.models.attention import causal_mask, dot_product_attention
 
 __all__ = [
     "CLIPTextOutput",
     "CLIPTextModel",
     "clip_text_from_config",
-    "clip_text_params_from_torch",
     "HIDDEN_LAYERS",
 ]
 
@@ -264,16 +263,3 @@ def clip_text_from_config(config: Mapping[str, Any] | str | os.PathLike, **overr
             cfg[key] = cfg[key][0]
     cfg.update(overrides)
     return CLIPTextModel(**cfg)
-
-
-def clip_text_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, Any], *,
-                                source: str = "CLIP text encoder state dict", dtype: Any = None) -> dict:
-    """Map a transformers ``CLIPTextModel`` state dict onto :class:`CLIPTextModel` params ``target``.
-
-    Accepts keys with the ``text_model.`` prefix (checkpoint files, transformers 4) or without it
-    (in-memory ``state_dict()`` of transformers 5); drops the ``position_ids`` buffer. ``target``
-    is the ``params`` collection (arrays or ``jax.eval_shape`` structs). Raises ``WeightsError``.
-    """
-    if state_dict and not any(k.startswith("text_model.") for k in state_dict):
-        state_dict = {f"text_model.{k}": v for k, v in state_dict.items()}
-    return torch_to_flax(state_dict, target, source=source, ignore=(r"position_ids$",), dtype=dtype)

@@ -6,7 +6,7 @@ tree mirrors transformers' ``CLIPModel``: ``vision_model.embeddings.patch_embedd
 ``vision_model.post_layernorm``, ``text_model...`` (the text transformer of
 :mod:`ldm_jax.models.clip_text`), ``visual_projection``, ``text_projection``, ``logit_scale``, so a
 ``CLIPModel`` state dict maps onto the params through the shared table of
-:mod:`ldm_jax.convert.torch_flax` (:func:`clip_params_from_torch`).
+:mod:`ldm_jax.convert.torch_flax` (``clip_params_from_torch`` there).
 
 Images are NHWC (transformers: NCHW) and already preprocessed: ``[B, S, S, 3]`` float, S = ``image_size``.
 """
@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from ldm_jax.convert.torch_flax import torch_to_flax
 from ldm_jax.models.clip_text import _ACTIVATIONS, CLIPEncoder, CLIPTextTransformer, clip_text_from_config
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "CLIPVisionTransformer",
     "CLIPModel",
     "clip_model_from_config",
-    "clip_params_from_torch",
 ]
 
 # transformers' CLIPVisionConfig defaults (ViT-B/32); keys of ``vision_config`` that configure the tower.
@@ -197,14 +195,3 @@ def clip_model_from_config(config: Mapping[str, Any] | str | os.PathLike, **over
               logit_scale_init_value=float(config.get("logit_scale_init_value") or 2.6592))
     kw.update(overrides)
     return CLIPModel(FrozenDict(text_cfg), FrozenDict(vision_cfg), **kw)
-
-
-def clip_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, Any], *,
-                           source: str = "CLIP state dict", dtype: Any = None) -> dict:
-    """Map a transformers ``CLIPModel`` state dict onto :class:`CLIPModel` params ``target``.
-
-    The keys (``vision_model.embeddings.class_embedding``, ``logit_scale``, ...) go through the
-    shared table as they are; the ``position_ids`` buffers are dropped. ``target``: the ``params``
-    collection (arrays or ``jax.eval_shape`` structs). Raises ``WeightsError``.
-    """
-    return torch_to_flax(state_dict, target, source=source, ignore=(r"position_ids$",), dtype=dtype)

@@ -1,39 +1,42 @@
 """A drop-in ``conv_general_dilated`` for ``flax.linen.Conv`` with an optional tap-matmul kernel gradient.
 
-XLA:CPU's lowering of a 2-D convolution's gradient with respect to its *kernel* depends on the CPU.
-On the 2026-11-25 development machine it ran 5-18x slower than the forward convolution (64x32x32x32
--> 32 channels: forward 20 ms, kernel gradient 320-410 ms), and one matmul per kernel tap,
-``dW[i, j] = sum_{n,h,w} x_pad[n, h*s+i, w*s+j, :]^T dy[n, h, w, :]``, was 3-6x faster. On the
-2026-11-28 machine (AMD EPYC, AVX-512) XLA's own gradient is the faster one, 1.1-1.9x (same
-convolution: forward + both gradients 41 ms vs 79 ms), and only XLA's own convolutions can join
-XNNPACK/YNNPACK fusions (:mod:`ldm_jax.xla_cpu`). So XLA's lowering is the default and the taps are
-opt-in: ``LDM_JAX_CONV_KERNEL_GRAD=taps`` (read when a function is traced). Both give the same
-values to float32 rounding. On GPU and TPU the stock lowering is always used.
+How fast XLA:CPU runs a 2-D convolution's gradient with respect to its *kernel* depends on the CPU:
+on some it is many times slower than the forward convolution, and one matmul per kernel tap,
+``dW[i, j] = sum_{n,h,w} x_pad[n, h*s+i, w*s+j, :]^T dy[n, h, w, :]``, is faster; on others XLA's
+own gradient wins, and only XLA's own convolutions join YNNPACK fusions. So XLA's lowering is the
+default and the taps are a CPU tuning choice (:func:`set_kernel_grad_mode`, which
+:func:`ldm_jax.runtime.enable_cpu_tuning` sets from ``LDM_JAX_CONV_KERNEL_GRAD``); the mode in
+force when a function is traced applies to it. Both give the same values to float32 rounding. On
+GPU and TPU the stock lowering is always used.
 
 Usage: ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``; parameters are unchanged.
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv_general_dilated", "conv2d_taps_weight_grad", "KERNEL_GRAD_ENV", "kernel_grad_mode"]
+__all__ = ["conv_general_dilated", "conv2d_taps_weight_grad", "set_kernel_grad_mode", "kernel_grad_mode"]
 
-KERNEL_GRAD_ENV = "LDM_JAX_CONV_KERNEL_GRAD"
 _MODES = ("xla", "taps")
+_mode = {"kernel_grad": "xla"}
+
+
+def set_kernel_grad_mode(mode: str) -> None:
+    """``"xla"`` (default) or ``"taps"``: the CPU kernel gradient of functions traced from now on."""
+    mode = (mode or "xla").strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"the convolution kernel gradient (LDM_JAX_CONV_KERNEL_GRAD) must be one of {_MODES}, "
+                         f"got {mode!r}")
+    _mode["kernel_grad"] = mode
 
 
 def kernel_grad_mode() -> str:
-    """``"xla"`` (default) or ``"taps"``, from the ``LDM_JAX_CONV_KERNEL_GRAD`` environment variable."""
-    mode = os.environ.get(KERNEL_GRAD_ENV, "xla").strip().lower() or "xla"
-    if mode not in _MODES:
-        raise ValueError(f"{KERNEL_GRAD_ENV} must be one of {_MODES}, got {mode!r}")
-    return mode
+    return _mode["kernel_grad"]
 
 
 def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
@@ -48,7 +51,7 @@ def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-    """Same signature and result as ``lax.conv_general_dilated``; with ``LDM_JAX_CONV_KERNEL_GRAD=taps``,
+    """Same signature and result as ``lax.conv_general_dilated``; in the ``"taps"`` mode,
     NHWC/HWIO 2-D convolutions without dilation or groups take the tap-matmul kernel gradient on the
     CPU backend."""
     use_taps = (_is_nhwc_hwio(dimension_numbers, lhs.ndim) and feature_group_count == 1 and batch_group_count == 1

@@ -5,7 +5,9 @@ The module tree mirrors diffusers name for name (``down_blocks_0/resnets_1/conv1
 :func:`ldm_jax.convert.torch_flax.torch_to_flax` with no per-model table. Arrays are NHWC.
 
 Attributes of :class:`UNet2DConditionModel` are the diffusers ``config.json`` fields used by SD;
-:func:`unet_from_config` builds the module from such a dict.
+:func:`unet_from_config` builds the module from such a dict. The resnets and resamplers are the
+shared ones of :mod:`ldm_jax.models.blocks`, with Flax's default kernel init and GroupNorm
+computed in float32.
 """
 from __future__ import annotations
 
@@ -16,11 +18,9 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ldm_jax.models.attention import dot_product_attention
-from ldm_jax.models.conv import conv_general_dilated
-from ldm_jax.models.norm import GroupNorm
+from ldm_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, widen_rows
 
 Dtype = Any
 
@@ -53,41 +53,14 @@ def get_timestep_embedding(
     return emb
 
 
-def _widen_rows(x: jax.Array, rows: int) -> jax.Array:
-    """``[B, ...]`` -> ``[rows, ...]``, each row repeated ``rows / B`` times in place (row r <- r // k).
-
-    The UNet runs the layers before its first cross-attention once per sample and widens to the
-    context's rows there (see :class:`UNet2DConditionModel`). Repeating in place keeps each sample's
-    rows on the device that holds the sample when the batch is sharded.
-    """
-    if x.shape[0] == rows:
-        return x
-    if rows % x.shape[0]:
-        raise ValueError(f"cannot widen {x.shape[0]} rows to {rows}")
-    return jnp.repeat(x, rows // x.shape[0], axis=0)
-
-
-def _conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1) -> nn.Conv:
-    pad = (kernel - 1) // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        conv_general_dilated=conv_general_dilated,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
-
-
-def _group_norm(groups: int, eps: float, param_dtype, name: str) -> GroupNorm:
-    # Normalisation always computed (and returned) in float32; the next layer casts to `dtype`.
-    return GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)
+def _f32_group_norm(groups: int, eps: float, param_dtype: Dtype, name: str) -> nn.Module:
+    # The UNet's GroupNorms compute and return float32; the next layer casts to `dtype`.
+    return group_norm(groups, eps, jnp.float32, param_dtype, name)
 
 
 class TimestepEmbedding(nn.Module):
-    """``linear_1 -> silu -> linear_2``: [B, Cin] -> [B, features]."""
+    """The UNet's ``time_embedding``: ``linear_1 -> silu -> linear_2``, [B, Cin] -> [B, features]
+    (the sinusoidal embedding of the timesteps in, the vector every resnet adds out)."""
 
     features: int
     dtype: Dtype = jnp.float32
@@ -100,58 +73,40 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(x)
 
 
-class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv twice, time embedding added in between, 1x1 shortcut when channels change.
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Static settings of an attention layer: ``heads`` of width ``dim_head``, float32 softmax
+    (``upcast``), kernel choice and query chunking (see :func:`dot_product_attention`)."""
 
-    ``x`` [B, H, W, Cin], ``temb`` [B, T] -> [B, H, W, out_channels].
-    """
-
-    out_channels: int
-    groups: int = 32
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb):
-        dt, pdt = self.dtype, self.param_dtype
-        h = nn.silu(_group_norm(self.groups, self.eps, pdt, "norm1")(x))
-        h = _conv(self.out_channels, 3, dt, pdt, "conv1")(h)
-        t = nn.Dense(self.out_channels, dtype=dt, param_dtype=pdt, name="time_emb_proj")(nn.silu(temb))
-        h = h + _widen_rows(t, h.shape[0])[:, None, None, :]
-        h = nn.silu(_group_norm(self.groups, self.eps, pdt, "norm2")(h))
-        h = _conv(self.out_channels, 3, dt, pdt, "conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, dt, pdt, "conv_shortcut")(x)
-        return (x.astype(h.dtype) + h).astype(dt)
+    heads: int
+    dim_head: int
+    upcast: bool = False
+    impl: str = "auto"
+    chunk_size: int | None = None
 
 
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v and ``to_out_0``: [B, L, C] (context [B, S, Cctx]) -> [B, L, C]."""
 
-    heads: int
-    dim_head: int
-    upcast: bool = False
-    attention_impl: str = "auto"
-    attention_chunk_size: int | None = None
+    spec: AttentionSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context=None):
-        inner = self.heads * self.dim_head
+        s = self.spec
+        inner = s.heads * s.dim_head
         context = x if context is None else context
         b, l, c = x.shape
-        q = nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="to_v")(context)
-        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)  # noqa: E731
-        out = dot_product_attention(
-            split(q), split(k), split(v),
-            impl=self.attention_impl, upcast=self.upcast, chunk_size=self.attention_chunk_size,
-        )
-        out = out.reshape(b, l, inner)
-        return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="to_out_0")(out)
+        dense = lambda features, name, **kw: nn.Dense(  # noqa: E731
+            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], s.heads, s.dim_head)  # noqa: E731
+        q = dense(inner, "to_q", use_bias=False)(x)
+        k = dense(inner, "to_k", use_bias=False)(context)
+        v = dense(inner, "to_v", use_bias=False)(context)
+        out = dot_product_attention(split(q), split(k), split(v), impl=s.impl, upcast=s.upcast,
+                                    chunk_size=s.chunk_size)
+        return dense(c, "to_out_0")(out.reshape(b, l, inner))
 
 
 class GEGLU(nn.Module):
@@ -185,25 +140,17 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual. [B, L, C]."""
 
-    heads: int
-    dim_head: int
-    upcast_attention: bool = False
-    attention_impl: str = "auto"
-    attention_chunk_size: int | None = None
+    attention: AttentionSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name: Attention(  # noqa: E731
-            self.heads, self.dim_head, self.upcast_attention, self.attention_impl,
-            self.attention_chunk_size, name=name, **kw
-        )
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # noqa: E731
-        x = x + attn("attn1")(norm("norm1")(x))
-        x = _widen_rows(x, context.shape[0])  # a no-op but in the UNet's first cross-attention
-        x = x + attn("attn2")(norm("norm2")(x), context)
+        x = x + Attention(self.attention, name="attn1", **kw)(norm("norm1")(x))
+        x = widen_rows(x, context.shape[0])  # a no-op but in the UNet's first cross-attention
+        x = x + Attention(self.attention, name="attn2", **kw)(norm("norm2")(x), context)
         x = x + FeedForward(name="ff", **kw)(norm("norm3")(x))
         return x
 
@@ -215,84 +162,38 @@ class Transformer2DModel(nn.Module):
     or Dense layers (``use_linear_projection``, SD v2).
     """
 
-    heads: int
-    dim_head: int
+    attention: AttentionSpec
     depth: int = 1
     use_linear_projection: bool = False
-    upcast_attention: bool = False
     groups: int = 32
-    attention_impl: str = "auto"
-    attention_chunk_size: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dt, pdt = self.dtype, self.param_dtype
         b, hgt, wid, c = x.shape
-        inner = self.heads * self.dim_head
-        h = _group_norm(self.groups, 1e-6, self.param_dtype, "norm")(x)
+        inner = self.attention.heads * self.attention.dim_head
+        h = _f32_group_norm(self.groups, 1e-6, pdt, "norm")(x)
         # A 1x1 conv on NHWC is a Dense on the channel axis; only the parameter shape differs.
         if self.use_linear_projection:
-            h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
+            h = nn.Dense(inner, dtype=dt, param_dtype=pdt, name="proj_in")(h.reshape(b, hgt * wid, c))
         else:
-            h = _conv(inner, 1, self.dtype, self.param_dtype, "proj_in")(h).reshape(b, hgt * wid, inner)
+            h = conv(inner, 1, dt, pdt, "proj_in")(h).reshape(b, hgt * wid, inner)
         for i in range(self.depth):
-            h = BasicTransformerBlock(
-                self.heads,
-                self.dim_head,
-                self.upcast_attention,
-                self.attention_impl,
-                self.attention_chunk_size,
-                name=f"transformer_blocks_{i}",
-                **kw,
-            )(h, context)
+            h = BasicTransformerBlock(self.attention, dt, pdt, name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
-            h = nn.Dense(c, name="proj_out", **kw)(h).reshape(h.shape[0], hgt, wid, c)
+            h = nn.Dense(c, dtype=dt, param_dtype=pdt, name="proj_out")(h).reshape(h.shape[0], hgt, wid, c)
         else:
-            h = _conv(c, 1, self.dtype, self.param_dtype, "proj_out")(h.reshape(h.shape[0], hgt, wid, inner))
-        return h + _widen_rows(x, h.shape[0]).astype(h.dtype)
-
-
-class Downsample2D(nn.Module):
-    """3x3 conv, stride 2, padding 1: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]."""
-
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return _conv(self.channels, 3, self.dtype, self.param_dtype, "conv", stride=2)(x)
-
-
-def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    # PyTorch's "nearest" interpolation: src = floor(dst * n_in / n_out).
-    return np.minimum(np.floor(np.arange(n_out) * (n_in / n_out)).astype(np.int32), n_in - 1)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 (or to ``output_size``) then a 3x3 conv: [B, H, W, C] -> [B, 2H, 2W, C]."""
-
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, output_size: tuple[int, int] | None = None):
-        b, h, w, c = x.shape
-        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        else:
-            x = jnp.take(x, _nearest_indices(h, output_size[0]), axis=1)
-            x = jnp.take(x, _nearest_indices(w, output_size[1]), axis=2)
-        return _conv(self.channels, 3, self.dtype, self.param_dtype, "conv")(x)
+            h = conv(c, 1, dt, pdt, "proj_out")(h.reshape(h.shape[0], hgt, wid, inner))
+        return h + widen_rows(x, h.shape[0]).astype(h.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class _LevelSpec:
     """Static per-level settings shared by the down/mid/up blocks."""
 
+    channels: int
     heads: int
     depth: int
     use_linear_projection: bool
@@ -303,46 +204,40 @@ class _LevelSpec:
     attention_chunk_size: int | None
     remat: bool
 
+    def attention(self) -> AttentionSpec:
+        """The attention settings of the level's transformers (``heads`` heads over ``channels``)."""
+        if self.channels % self.heads:
+            raise ValueError(f"{self.channels} channels are not divisible by {self.heads} attention heads")
+        return AttentionSpec(self.heads, self.channels // self.heads, self.upcast_attention, self.attention_impl,
+                             self.attention_chunk_size)
+
 
 class _Block(nn.Module):
-    """Base of the UNet blocks: makes the (optionally rematerialised) resnets and transformers."""
+    """Base of the UNet blocks: makes the (optionally rematerialised) resnets and transformers, all
+    with the level's ``spec.channels`` output channels."""
 
-    out_channels: int
     num_layers: int
     spec: _LevelSpec
     has_attention: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _resnet(self, name: str, out_channels: int | None = None) -> nn.Module:
-        cls = nn.remat(ResnetBlock2D) if self.spec.remat else ResnetBlock2D
-        return cls(
-            out_channels or self.out_channels,
-            self.spec.groups,
-            self.spec.eps,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
+    def _remat(self, cls: type[nn.Module]) -> type[nn.Module]:
+        return nn.remat(cls) if self.spec.remat else cls
 
-    def _transformer(self, name: str, channels: int | None = None) -> nn.Module:
-        channels = channels or self.out_channels
-        if channels % self.spec.heads:
-            raise ValueError(f"{channels} channels are not divisible by {self.spec.heads} attention heads")
-        cls = nn.remat(Transformer2DModel) if self.spec.remat else Transformer2DModel
-        return cls(
-            heads=self.spec.heads,
-            dim_head=channels // self.spec.heads,
-            depth=self.spec.depth,
-            use_linear_projection=self.spec.use_linear_projection,
-            upcast_attention=self.spec.upcast_attention,
-            groups=self.spec.groups,
-            attention_impl=self.spec.attention_impl,
-            attention_chunk_size=self.spec.attention_chunk_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
+    def _resnet(self, name: str) -> nn.Module:
+        return self._remat(ResnetBlock2D)(self.spec.channels, self.spec.groups, self.spec.eps, norm_dtype=jnp.float32,
+                                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def _transformer(self, name: str) -> nn.Module:
+        return self._remat(Transformer2DModel)(
+            self.spec.attention(), self.spec.depth, self.spec.use_linear_projection,
+            self.spec.groups, self.dtype, self.param_dtype, name=name)
+
+    def _layer(self, j: int, x, temb, context):
+        """``resnets_{j}``, then ``attentions_{j}`` if the block has attention."""
+        x = self._resnet(f"resnets_{j}")(x, temb)
+        return self._transformer(f"attentions_{j}")(x, context) if self.has_attention else x
 
 
 class DownBlock2D(_Block):
@@ -355,12 +250,11 @@ class DownBlock2D(_Block):
     def __call__(self, x, temb, context):
         skips = []
         for j in range(self.num_layers):
-            x = self._resnet(f"resnets_{j}")(x, temb)
-            if self.has_attention:
-                x = self._transformer(f"attentions_{j}")(x, context)
+            x = self._layer(j, x, temb, context)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.dtype, self.param_dtype, name="downsamplers_0")(x)
+            x = Downsample2D(self.spec.channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -376,12 +270,11 @@ class UpBlock2D(_Block):
         if len(skips) != self.num_layers:
             raise ValueError(f"up block expects {self.num_layers} skip tensors, got {len(skips)}")
         for j in range(self.num_layers):
-            x = jnp.concatenate([x, _widen_rows(skips[-1 - j], x.shape[0]).astype(x.dtype)], axis=-1)
-            x = self._resnet(f"resnets_{j}")(x, temb)
-            if self.has_attention:
-                x = self._transformer(f"attentions_{j}")(x, context)
+            x = jnp.concatenate([x, widen_rows(skips[-1 - j], x.shape[0]).astype(x.dtype)], axis=-1)
+            x = self._layer(j, x, temb, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.spec.channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -463,19 +356,6 @@ class UNet2DConditionModel(nn.Module):
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"unsupported mid block type {self.mid_block_type!r}; expected {MID_BLOCK_TYPES}")
 
-    def _spec(self, heads: int, depth: int) -> _LevelSpec:
-        return _LevelSpec(
-            heads=heads,
-            depth=depth,
-            use_linear_projection=self.use_linear_projection,
-            upcast_attention=self.upcast_attention,
-            groups=self.norm_num_groups,
-            eps=self.norm_eps,
-            attention_impl=self.attention_impl,
-            attention_chunk_size=self.attention_chunk_size,
-            remat=self.remat,
-        )
-
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states):
         self._check()
@@ -514,50 +394,41 @@ class UNet2DConditionModel(nn.Module):
         temb = TimestepEmbedding(4 * ch0, dtype=dt, param_dtype=pdt, name="time_embedding")(t_emb)
         ctx = ctx.astype(dt)
 
-        x = _conv(ch0, 3, dt, pdt, "conv_in")(sample.astype(dt))
+        def level(i: int) -> dict:
+            spec = _LevelSpec(
+                channels=self.block_out_channels[i],
+                heads=heads[i],
+                depth=depths[i],
+                use_linear_projection=self.use_linear_projection,
+                upcast_attention=self.upcast_attention,
+                groups=self.norm_num_groups,
+                eps=self.norm_eps,
+                attention_impl=self.attention_impl,
+                attention_chunk_size=self.attention_chunk_size,
+                remat=self.remat,
+            )
+            return dict(spec=spec, dtype=dt, param_dtype=pdt)
+
+        x = conv(ch0, 3, dt, pdt, "conv_in")(sample.astype(dt))
         skips = [x]
         for i, block_type in enumerate(self.down_block_types):
-            x, s = DownBlock2D(
-                out_channels=self.block_out_channels[i],
-                num_layers=layers[i],
-                spec=self._spec(heads[i], depths[i]),
-                has_attention=block_type.startswith("CrossAttn"),
-                add_downsample=i < n - 1,
-                dtype=dt,
-                param_dtype=pdt,
-                name=f"down_blocks_{i}",
-            )(x, temb, ctx)
+            x, s = DownBlock2D(num_layers=layers[i], has_attention=block_type.startswith("CrossAttn"),
+                               add_downsample=i < n - 1, name=f"down_blocks_{i}", **level(i))(x, temb, ctx)
             skips.extend(s)
 
-        x = UNetMidBlock2DCrossAttn(
-            out_channels=self.block_out_channels[-1],
-            num_layers=1,
-            spec=self._spec(heads[-1], depths[-1]),
-            has_attention=True,
-            dtype=dt,
-            param_dtype=pdt,
-            name="mid_block",
-        )(x, temb, ctx)
+        x = UNetMidBlock2DCrossAttn(num_layers=1, has_attention=True, name="mid_block", **level(n - 1))(x, temb, ctx)
 
         for i, block_type in enumerate(self.up_block_types):
-            level = n - 1 - i
-            num = layers[level] + 1
+            num = layers[n - 1 - i] + 1
             block_skips, skips = skips[-num:], skips[:-num]
             # Upsample to the next skip's size, so inputs not divisible by 2**(n-1) still line up.
             up_size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
-            x = UpBlock2D(
-                out_channels=self.block_out_channels[level],
-                num_layers=num,
-                spec=self._spec(heads[level], depths[level]),
-                has_attention=block_type.startswith("CrossAttn"),
-                add_upsample=i < n - 1,
-                dtype=dt,
-                param_dtype=pdt,
-                name=f"up_blocks_{i}",
-            )(x, block_skips, temb, ctx, up_size)
+            up = UpBlock2D(num_layers=num, has_attention=block_type.startswith("CrossAttn"),
+                           add_upsample=i < n - 1, name=f"up_blocks_{i}", **level(n - 1 - i))
+            x = up(x, block_skips, temb, ctx, up_size)
 
-        x = nn.silu(_group_norm(self.norm_num_groups, self.norm_eps, pdt, "conv_norm_out")(x))
-        return _widen_rows(_conv(self.out_channels, 3, dt, pdt, "conv_out")(x), ctx.shape[0])
+        x = nn.silu(_f32_group_norm(self.norm_num_groups, self.norm_eps, pdt, "conv_norm_out")(x))
+        return widen_rows(conv(self.out_channels, 3, dt, pdt, "conv_out")(x), ctx.shape[0])
 
 
 # diffusers UNet2DConditionModel options outside the SD subset, with the value that means "off".
