@@ -25,10 +25,10 @@ $(TEST_STAMP): $(STAMP)
 
 install: $(TEST_STAMP)
 
-# pytest under glibc malloc with huge pages and a heap kept between steps (XLA:CPU steps 1.3-1.5x
-# faster and steady): ldm_jax/malloc_env.py sets GLIBC_TUNABLES and execs the command; `ldm-jax` does it itself.
+# pytest under the CPU malloc settings (on the CPU backend only; XLA:CPU steps faster and steadier):
+# ldm_jax/runtime.py sets GLIBC_TUNABLES and execs the command, as `ldm-jax` does for itself.
 test: $(TEST_STAMP)
-	$(PY) -m ldm_jax.malloc_env $(PY) -m pytest -q tests
+	$(PY) -m ldm_jax.runtime $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/ldm-jax demo --out demo_out
