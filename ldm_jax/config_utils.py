@@ -1,8 +1,9 @@
-"""Config files: Python files with ``get_config()`` returning an ``ml_collections.ConfigDict``.
+"""Configs: Python modules with ``get_config()`` returning an ``ml_collections.ConfigDict``.
 
-``load_config("configs/tiny_train.py", ["--config.train.lr=1e-4"])`` loads the file and applies
-command-line overrides (``--config.a.b=value``; values parsed as Python literals, falling back to
-strings, and checked against the existing field's type by ConfigDict).
+``load_config("tiny_train", ["--config.train.lr=1e-4"])`` loads the packaged recipe
+``ldm_jax/configs/tiny_train.py`` (or any ``.py`` file given by path) and applies command-line
+overrides (``--config.a.b=value``; values parsed as Python literals, falling back to strings, and
+checked against the existing field's type by ConfigDict).
 """
 from __future__ import annotations
 
@@ -14,19 +15,34 @@ from typing import Iterable
 import ml_collections
 
 
-def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Load ``path`` (a ``.py`` file with ``get_config(arg=None)``) and apply ``overrides``.
+def config_names() -> list[str]:
+    """The packaged recipes (``ldm_jax/configs/*.py``), by name."""
+    import pkgutil
 
-    ``path`` may end in ``:arg`` to pass a string argument to ``get_config`` (big_vision style).
+    import ldm_jax.configs
+
+    return sorted(m.name for m in pkgutil.iter_modules(ldm_jax.configs.__path__) if m.name != "common")
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Load a config and apply ``overrides``.
+
+    ``path``: a packaged recipe's name (``sd_v1_train``, see :func:`config_names`) or a ``.py``
+    file with ``get_config(arg=None)``; either may end in ``:arg`` to pass a string argument to
+    ``get_config`` (big_vision style, e.g. ``tiny_autoencoder:vq``).
     """
     arg = None
     if ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"ldm_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if os.path.isfile(path):
+        spec = importlib.util.spec_from_file_location(f"ldm_jax_config_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    elif path in config_names():
+        module = importlib.import_module(f"ldm_jax.configs.{path}")
+    else:
+        raise FileNotFoundError(f"config {path!r} is neither a file nor a packaged recipe "
+                                f"({', '.join(config_names())})")
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path!r} has no get_config()")
     config = module.get_config(arg) if arg is not None else module.get_config()

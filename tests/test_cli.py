@@ -8,15 +8,17 @@ from ldm_jax.config_utils import load_config, parse_value
 
 
 def test_config_overrides_apply_and_check_types():
-    c = load_config("configs/tiny.py", ["--config.sample.guidance_scale=3", "--config.unet.block_out_channels=(16,32)",
-                                        "--config.sample.sampler=euler"])
+    c = load_config("tiny", ["--config.sample.guidance_scale=3", "--config.unet.block_out_channels=(16,32)",
+                             "--config.sample.sampler=euler"])
     assert c.sample.guidance_scale == 3.0 and isinstance(c.sample.guidance_scale, float)
     assert tuple(c.unet.block_out_channels) == (16, 32)
     assert c.sample.sampler == "euler"
     with pytest.raises(KeyError, match="no field"):
-        load_config("configs/tiny.py", ["--config.sample.nonexistent=1"])
-    with pytest.raises(FileNotFoundError):
+        load_config("tiny", ["--config.sample.nonexistent=1"])
+    with pytest.raises(FileNotFoundError, match="neither a file nor a packaged recipe"):
         load_config("configs/nope.py")
+    with pytest.raises(FileNotFoundError, match="sd_v1_train"):  # the message lists the recipes
+        load_config("nope")
 
 
 def test_parse_value():
@@ -24,11 +26,21 @@ def test_parse_value():
     assert parse_value("(256, 512)") == (256, 512) and parse_value("ddim") == "ddim"
 
 
-def test_every_shipped_config_loads():
-    import glob
+def test_every_shipped_config_loads_by_name_and_by_path():
+    """The recipes ship inside the package (an installed copy has them) and load by name or path."""
+    import os
 
-    for path in sorted(glob.glob("configs/*.py")):
-        assert load_config(path) is not None, path
+    import ldm_jax.configs
+    from ldm_jax.config_utils import config_names
+
+    names = config_names()
+    assert {"sd_v1", "sd_v2", "tiny", "sd_v1_train", "tiny_train", "sd_autoencoder", "tiny_autoencoder"} <= set(names)
+    for name in names:
+        by_name = load_config(name)
+        by_path = load_config(os.path.join(os.path.dirname(ldm_jax.configs.__file__), name + ".py"))
+        assert by_name.to_dict() == by_path.to_dict(), name
+    for name in ("sd_v1_train", "tiny_train", "sd_autoencoder", "tiny_autoencoder"):  # training recipes name a task
+        assert load_config(name).task in ("diffusion", "autoencoder")
 
 
 def test_cli_convert_folder_round_trip(tmp_path, capsys):

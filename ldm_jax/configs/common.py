@@ -1,0 +1,57 @@
+"""Defaults shared by the training recipes: the training loop's settings and the data section.
+
+Every field a trainer reads is defined here or in the recipe, so code reads ``config.x`` directly
+and any field can be overridden on the command line.
+"""
+import ml_collections
+
+
+def loop_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.train`` fields of the one training loop (:mod:`ldm_jax.train.loop`), shared by every task.
+
+    None of them changes the compiled train step except ``compiler_options``.
+    """
+    c = ml_collections.ConfigDict(dict(
+        seed=0,  # parameter init and every step's randomness (fold_in(rng, step))
+        log_every=50,  # TensorBoard scalars and the progress bar
+        checkpoint_every=2_000,
+        keep_checkpoints=3,  # the most recent ones
+        keep_every=0,  # also keep every step divisible by this forever (0: off)
+        async_checkpoints=True,
+        tensorboard=True,
+        progress=True,
+        preview_every=0,  # images to TensorBoard (EMA samples, reconstructions); 0: off
+        preview_count=8,
+        compilation_cache_dir="",  # persistent XLA cache: restarts (preemption, resume) skip compiling
+        # XLA options of the jitted init and step: None for the backend's defaults (plus the CPU tuning
+        # when the entry point opted in, ldm_jax.runtime); a dict for exactly these options, e.g.
+        # {"xla_backend_optimization_level": 0} for faster CPU compiles in tests.
+        compiler_options=ml_collections.config_dict.placeholder(dict),
+    ))
+    c.update(overrides)
+    return c
+
+
+LOOP_KEYS = frozenset(loop_config().keys()) - {"seed", "compiler_options"}  # keys that never change a compile
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.data``: where batches come from (:func:`ldm_jax.data.batches.make_batches`)."""
+    c = ml_collections.ConfigDict(dict(
+        # synthetic | synthetic_latents (in-memory class patterns, ldm_jax.data.synthetic) |
+        # folder | tar | tfds | shapes (ldm_jax.data.sources.make_source)
+        source="synthetic",
+        cached_latents="",  # diffusion: an `ldm-jax encode-dataset` folder, read instead of `source`
+        seed=0,  # shuffling and augmentation
+        num_threads=2,
+        image_size=256,  # autoencoder: training crop (diffusion: each stage's resolution)
+        random_crop=False,
+        random_flip=False,
+        path="", captions_file="",  # folder
+        shards="",  # tar: a glob or a list
+        name="", split="train", data_dir="", image_key="", caption_key="",  # tfds (data_dir, split: shapes too)
+        num_train=2000, num_validation=200, num_heldout=200, dataset_seed=0, max_shapes=2, shape_scale=1.0,  # shapes
+        num_examples=256, num_classes=8,  # synthetic
+    ))
+    c.update(overrides)
+    return c
