@@ -396,9 +396,9 @@ def test_encode_dataset_and_train_from_latents(byo, tmp_path):
 
 
 def test_bench_data_smoke(tmp_path):
-    from ldm_jax.data.bench import bench_data
+    from ldm_jax.benchmarks.data import measure_data
 
-    out = bench_data(image_size=32, num_images=8, source_size=(64, 48), batch_size=4, num_threads=1,
+    out = measure_data(image_size=32, num_images=8, source_size=(64, 48), batch_size=4, num_threads=1,
                      workdir=str(tmp_path))
     assert out["decode_resize_crop_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
     json.dumps(out)

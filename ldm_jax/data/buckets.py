@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ldm_jax.data import pipeline
+from ldm_jax.data import transforms
 
 __all__ = ["make_buckets", "scan_image_sizes", "assign_buckets", "BucketIterator"]
 
@@ -116,12 +116,12 @@ class BucketIterator:
             raise ValueError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        self.process_index, self.process_count = pipeline._check_hosts(process_index, process_count)
-        self.local_batch = pipeline.per_host_batch_size(global_batch_size, self.process_count)
+        self.process_index, self.process_count = transforms.check_hosts(process_index, process_count)
+        self.local_batch = transforms.per_host_batch_size(global_batch_size, self.process_count)
         self.source, self.global_batch, self.seed, self.shuffle = source, global_batch_size, seed, shuffle
         self.num_epochs, self.extra_keys = num_epochs, tuple(extra_keys)
-        self.tokenize = None if tokenizer is None else pipeline._Tokenize(tokenizer)
-        self.transform = pipeline._ImageCaptionTransform(image_size, random_crop, random_flip, caption_dropout,
+        self.tokenize = None if tokenizer is None else transforms.Tokenize(tokenizer)
+        self.transform = transforms.ImageCaptionTransform(image_size, random_crop, random_flip, caption_dropout,
                                                          extra_keys)
         self.buckets = make_buckets(image_size, bucket_step, max_aspect_ratio)
         sizes, self.excluded = image_sizes if image_sizes is not None else scan_image_sizes(source, num_threads)
@@ -170,9 +170,9 @@ class BucketIterator:
         for t in range(len(idx)):
             r = (row + t) % len(idx)
             ex = self.transform(self.source[int(idx[r])], np.random.default_rng([self.seed, k, row]), size=size)
-            if pipeline._SKIP not in ex:
+            if transforms.SKIP not in ex:
                 return ex, failed
-            failed = failed or ex[pipeline._SKIP].split(" (")[0]
+            failed = failed or ex[transforms.SKIP].split(" (")[0]
         raise ValueError(f"no valid examples in global batch {k} (bucket {size}) of {self.source!r}")
 
     def _submit(self, k: int) -> list:

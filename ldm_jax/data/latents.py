@@ -23,10 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from flax import serialization
 
-from ldm_jax.data import pipeline
+from ldm_jax.data import pipeline, transforms
 
-__all__ = ["encode_dataset", "make_encode_fn", "ModelEncoder", "encode_dataset_with_model",
-           "CachedLatentsSource", "make_latents_iterator", "sample_latents"]
+__all__ = ["encode_dataset", "ModelEncoder", "CachedLatentsSource", "make_latents_iterator", "sample_latents"]
 
 
 def _writer(path: str):
@@ -67,7 +66,7 @@ def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], o
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    process_index, process_count = pipeline._check_hosts(process_index, process_count)
+    process_index, process_count = transforms.check_hosts(process_index, process_count)
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     share = math.ceil(len(source) / process_count)
@@ -174,6 +173,8 @@ class ModelEncoder:
     logvar, and the text encoder's conditioning (``config.text_encoder.hidden_layer``), both jitted;
     batches are padded to one size (no recompile for the last one) and split over ``devices``.
     ``info``: what the training side needs to know (``scaling_factor``, ``hidden_layer``, ...).
+    ``loaded``: the model (anything with ``config``, ``params``, ``tokenizer_path`` and ``source``, as
+    :class:`ldm_jax.convert.LoadedModel`).
     """
 
     def __init__(self, loaded, *, tokenizer=None, dtype=None, devices: Sequence[Any] | None = None):
@@ -229,43 +230,6 @@ class ModelEncoder:
         m = self._moments(self.params["vae"], jax.device_put(pad(np.asarray(images, np.float32)), self._rows))
         c = self._context(self.params["text"], jax.device_put(pad(ids), self._rows))
         return {"moments": np.asarray(m)[:b], "context": np.asarray(c)[:b], "input_ids": ids}
-
-
-def make_encode_fn(model, **kwargs) -> ModelEncoder:
-    """:class:`ModelEncoder` for ``model`` (a :class:`~ldm_jax.convert.LoadedModel` or anything
-    :func:`~ldm_jax.convert.load_model` loads); ``kwargs``: ``tokenizer``, ``dtype``, ``devices``."""
-    if isinstance(model, (str, os.PathLike)):
-        from ldm_jax.convert import load_model
-
-        model = load_model(model)
-    return ModelEncoder(model, **kwargs)
-
-
-def encode_dataset_with_model(model, source, out_dir: str | os.PathLike, *, image_size: int | None = None,
-                              batch_size: int = 32, split: str = "train", shard_size: int | None = 2048,
-                              dtype: str | None = None, compute_dtype: str | None = None,
-                              overwrite: bool = False, progress: bool = True, num_threads: int = 4) -> dict:
-    """What ``ldm-jax encode-dataset`` does: :func:`encode_dataset` with :func:`make_encode_fn`.
-
-    ``model``: model path / hub id / workdir or a ``LoadedModel``; ``source``: a source object or a
-    spec for :func:`~ldm_jax.data.sources.source_from_spec` (with ``split``); ``image_size``:
-    default the VAE's ``sample_size``.
-    """
-    from ldm_jax.convert import load_model
-    from ldm_jax.data.sources import source_from_spec
-
-    loaded = load_model(model) if isinstance(model, (str, os.PathLike)) else model
-    enc = ModelEncoder(loaded, dtype=compute_dtype)
-    if isinstance(source, str):
-        source = source_from_spec(source, split=split)
-    if image_size is None:
-        size = loaded.config.vae.get("sample_size")
-        if size is None:
-            raise ValueError("the model's VAE config has no sample_size: pass image_size")
-        image_size = size[0] if isinstance(size, (list, tuple)) else size
-    return encode_dataset(source, enc, out_dir, image_size=int(image_size), batch_size=batch_size,
-                          shard_size=shard_size, dtype=dtype, info=enc.info, overwrite=overwrite,
-                          progress=progress, num_threads=num_threads)
 
 
 class CachedLatentsSource:
@@ -333,7 +297,7 @@ def make_latents_iterator(out_dir_or_source, *, global_batch_size: int, seed: in
         source, _LatentsTransform(keys), global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
         num_epochs=num_epochs, process_index=process_index, process_count=process_count,
         drop_remainder=drop_remainder, num_threads=num_threads,
-        batch_fn=None if tokenizer is None else pipeline._Tokenize(tokenizer), description=repr(source))
+        batch_fn=None if tokenizer is None else transforms.Tokenize(tokenizer), description=repr(source))
     return pipeline.DataIterator(ds, skip)
 
 

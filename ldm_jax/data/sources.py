@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "TarShardSource", "TfdsSource", "shapes_source", "source_from_spec"]
+__all__ = ["IMAGE_EXTENSIONS", "SOURCE_KINDS", "FolderSource", "TarShardSource", "TfdsSource", "shapes_source",
+           "make_source", "source_from_spec"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _FILE_KEYS = ("file_name", "file", "image", "path", "filename")
@@ -245,28 +246,79 @@ def shapes_source(data_dir: str | os.PathLike, split: str = "train", image_size:
                       image_key="image", caption_key="caption", extra_keys=extra if with_labels else ())
 
 
+SOURCE_KINDS = ("folder", "tar", "tfds", "shapes")
+
+
+def make_source(data, image_size: int, *, split: str | None = None, workdir: str | None = None):
+    """The random-access source a data config names: the one dispatcher from config to source.
+
+    ``data`` (``config.data``): ``source`` is one of :data:`SOURCE_KINDS` with its fields:
+
+    - ``folder``: images under ``path`` (captions from ``captions_file`` or next to the images),
+      :class:`FolderSource`;
+    - ``tar``: webdataset ``shards`` (a glob or a list), :class:`TarShardSource`;
+    - ``tfds``: prepared tfds dataset ``name`` (``data_dir``, ``image_key``, ``caption_key``),
+      :class:`TfdsSource`;
+    - ``shapes``: the built-in ``shapes_captions`` at ``image_size`` px, built on first use under
+      ``data_dir`` (default ``workdir/data``) with ``num_train``/``num_validation``/``num_heldout``
+      examples, generation seed ``dataset_seed``, ``max_shapes`` per scene and ``shape_scale``.
+
+    ``split`` (default ``data.split``) selects the tfds/shapes split. The synthetic sources and
+    cached latents are iterators, not sources: :func:`ldm_jax.data.batches.make_batches`.
+    """
+    kind = data.source
+    split = split or data.split
+    if kind == "folder":
+        if not data.path:
+            raise ValueError("data.source 'folder' needs data.path")
+        return FolderSource(data.path, data.captions_file or None)
+    if kind == "tar":
+        if not data.shards:
+            raise ValueError("data.source 'tar' needs data.shards")
+        return TarShardSource(data.shards if isinstance(data.shards, str) else list(data.shards))
+    if kind == "tfds":
+        if not data.name:
+            raise ValueError("data.source 'tfds' needs data.name")
+        return TfdsSource(data.name, split=split, data_dir=data.data_dir or None, image_key=data.image_key or None,
+                          caption_key=data.caption_key or None)
+    if kind == "shapes":
+        data_dir = data.data_dir or (os.path.join(workdir, "data") if workdir else None)
+        if not data_dir:
+            raise ValueError("data.source 'shapes' needs data.data_dir (or a workdir)")
+        return shapes_source(data_dir, split, image_size=int(image_size), num_train=int(data.num_train),
+                             num_validation=int(data.num_validation), num_heldout=int(data.num_heldout),
+                             seed=int(data.dataset_seed), max_shapes=int(data.max_shapes),
+                             shape_scale=float(data.shape_scale))
+    raise ValueError(f"data.source must be one of {', '.join(SOURCE_KINDS)}, synthetic or synthetic_latents; "
+                     f"got {kind!r}")
+
+
 def source_from_spec(spec: str, split: str = "train"):
-    """A source from a command-line string:
+    """A source from a command-line string (through :func:`make_source`):
 
     - ``folder:DIR`` or an existing directory: :class:`FolderSource`;
     - ``tar:GLOB`` or a path / glob ending in ``.tar``: :class:`TarShardSource`;
     - ``tfds:NAME[@DATA_DIR]`` (``NAME`` may include ``/config``): :class:`TfdsSource` of ``split``;
-    - ``shapes:DATA_DIR``: the built-in ``shapes_captions`` (default sizes) of ``split``.
+    - ``shapes:DATA_DIR``: the built-in ``shapes_captions`` (64 px, default sizes) of ``split``.
     """
+    from ldm_jax.configs.common import data_config
+
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("folder", "tar", "tfds", "shapes"):
+    if not sep or kind not in SOURCE_KINDS:
         kind, rest = ("folder" if os.path.isdir(spec) else "tar" if spec.endswith(".tar") else ""), spec
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data source {spec!r}: expected an image folder, .tar shards, folder:DIR, tar:GLOB, "
+                         f"tfds:NAME[@DATA_DIR] or shapes:DATA_DIR")
+    data = data_config(source=kind, split=split)
     if kind == "folder":
-        return FolderSource(rest)
-    if kind == "tar":
-        return TarShardSource(rest)
-    if kind == "tfds":
-        name, _, data_dir = rest.partition("@")
-        return TfdsSource(name, split=split, data_dir=data_dir or None)
-    if kind == "shapes":
-        return shapes_source(rest, split)
-    raise ValueError(f"data source {spec!r}: expected an image folder, .tar shards, folder:DIR, tar:GLOB, "
-                     f"tfds:NAME[@DATA_DIR] or shapes:DATA_DIR")
+        data.path = rest
+    elif kind == "tar":
+        data.shards = rest
+    elif kind == "tfds":
+        data.name, _, data.data_dir = rest.partition("@")
+    else:
+        data.data_dir = rest
+    return make_source(data, 64)
 
 
 def _flat_features(features, prefix: str = "") -> dict:

@@ -1,4 +1,5 @@
-"""A deterministic in-memory captioned-image source for tests and CPU demos.
+"""The synthetic data set (``data.source="synthetic"``/``"synthetic_latents"``): deterministic,
+in memory, for tests, benchmarks and CPU experiments of both trainers.
 
 Same batch structure as the real pipelines (``{"image": [B,H,W,3] in [-1,1], "input_ids": int32
 [B,77]}``, or ``{"latents": [B,h,w,C], "input_ids"}`` for precomputed latents) and the same
