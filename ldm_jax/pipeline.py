@@ -3,12 +3,13 @@
 >>> pipe = StableDiffusionPipeline.from_pretrained("path/or/hub-id", dtype=jnp.bfloat16)
 >>> images = pipe("a red circle on a blue background", num_inference_steps=25, seed=0)
 
-The whole denoising loop (classifier-free guidance as one [uncond, cond] batch, the sampler step,
-inpainting blending) is one ``lax.fori_loop`` under ``jax.jit``. Guidance scale, guidance rescale,
-seed, prompts and img2img strength are traced values: changing them never recompiles. Image size,
-batch size, sampler and step count compile once per value, and the persistent compilation cache
-makes a second process reuse those compilations. Batches are sharded over the ``data`` axis of a
-mesh of all devices.
+The whole denoising loop (:func:`ldm_jax.diffusion.denoise` with classifier-free guidance on each
+sample's (unconditional, conditional) context pair, the sampler step, inpainting blending) is one
+``lax.fori_loop`` under ``jax.jit``. Guidance scale, guidance rescale, seed, prompts and img2img
+strength are traced values: changing them never recompiles. Image size, batch size, sampler and
+step count compile once per value (:class:`LoopSpec`); with the persistent compilation cache on
+(:func:`ldm_jax.runtime.enable_compilation_cache`, as the ``ldm-jax`` command does) a second process
+reuses those compilations. Batches are sharded over the ``data`` axis of a mesh of all devices.
 """
 from __future__ import annotations
 
@@ -24,30 +25,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax.convert.loading import load_model
 from ldm_jax.diffusion.samplers import Sampler, get_sampler_from_config, sampler_class
+from ldm_jax.diffusion.sampling import denoise, guided
 from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
 from ldm_jax.models.clip_text import clip_text_from_config
 from ldm_jax.models.tokenizer import PromptTokenizer
 from ldm_jax.models.unet import unet_from_config
-from ldm_jax.xla_cpu import compiler_options
-
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "xla")
-
-
-def enable_compilation_cache(cache_dir: str | None = None) -> str:
-    """Turn on JAX's persistent compilation cache (``$LDM_JAX_CACHE`` or ~/.cache/ldm_jax/xla).
-
-    Leaves an already configured cache directory alone. Returns the directory in use.
-    """
-    current = jax.config.jax_compilation_cache_dir
-    if current and cache_dir is None:
-        return current
-    cache_dir = cache_dir or os.environ.get("LDM_JAX_CACHE", DEFAULT_CACHE_DIR)
-    os.makedirs(cache_dir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return cache_dir
-
+from ldm_jax.runtime import jit_compiler_options
 
 # ----------------------------------------------------------------------------- images in and out
 
@@ -134,8 +117,8 @@ def make_grid(images: Sequence, cols: int | None = None):
 
 
 @dataclasses.dataclass(frozen=True)
-class _LoopKey:
-    """What a compiled denoising loop depends on statically."""
+class LoopSpec:
+    """What a compiled denoising loop depends on statically (one compile per distinct value)."""
 
     sampler: str
     steps: int
@@ -143,8 +126,31 @@ class _LoopKey:
     mode: str  # "txt2img" | "inpaint_unet" (9-channel UNet) | "inpaint_blend" (latent blending)
 
 
+@dataclasses.dataclass
+class DenoiseInputs:
+    """One run of the jitted denoising loop (:meth:`StableDiffusionPipeline.denoise`).
+
+    ``context`` holds each sample's ``(unconditional, conditional)`` rows in turn when
+    ``spec.cfg``; ``cond`` holds the inpainting inputs. Every array is a traced argument: new
+    prompts, guidance, seed or strength reuse the compiled loop.
+    """
+
+    spec: LoopSpec
+    sampler: Sampler
+    latents: jax.Array  # initial latents [B, h, w, C] (noise * init_noise_sigma, or a noised image)
+    context: jax.Array
+    guidance_scale: jax.Array
+    guidance_rescale: jax.Array
+    rng: jax.Array
+    start: jax.Array
+    cond: dict
+
+
 class StableDiffusionPipeline:
     """Text-to-image / img2img / inpainting with a UNet, a KL autoencoder and a CLIP text encoder.
+
+    Each call runs in three public steps: ``prepare_*`` (text encoding, initial latents) ->
+    :meth:`denoise` (the jitted loop) -> :meth:`decode` (the VAE).
 
     Args:
       config: ConfigDict with ``unet``, ``vae``, ``text_encoder``, ``scheduler`` sub-configs
@@ -154,20 +160,12 @@ class StableDiffusionPipeline:
       tokenizer: a :class:`PromptTokenizer`.
       dtype: compute dtype (and parameter dtype for inference), e.g. ``jnp.bfloat16``.
       mesh: device mesh with a ``data`` axis; default: all devices.
-      ynn_fusions: on a CPU mesh, the op kinds XLA hands to YNNPACK in the pipeline's jitted
-        functions (:func:`ldm_jax.xla_cpu.compiler_options`; ``()`` for XLA's defaults).
-        ``("dot", "reduce")``: convolutions go to XLA's own kernel, matmuls and softmax reductions to
-        YNNPACK. Measured on the 2-core development machine: the benchmark model's UNet evaluation
-        (batch 4, 32x32 latents) 162 -> 151 ms and its VAE decode (2 x 256 px) 149 -> 116 ms; at SD v1
-        shapes a 2x64x64x320 3x3 convolution 86 -> 70 ms, the 512 px decode, 4096-token attention and
-        the feed-forward matmul unchanged. Ignored on other platforms.
+      compiler_options: XLA options of the pipeline's jitted functions; None: the backend's
+        defaults (plus the CPU tuning when the process opted into it, :mod:`ldm_jax.runtime`).
     """
 
     def __init__(self, config, params: dict, tokenizer: PromptTokenizer, *, dtype=jnp.float32,
-                 attention_impl: str = "auto", mesh: Mesh | None = None, compilation_cache: bool = True,
-                 ynn_fusions: Sequence[str] | str | None = ("dot", "reduce")):
-        if compilation_cache:
-            enable_compilation_cache()
+                 attention_impl: str = "auto", mesh: Mesh | None = None, compiler_options: dict | None = None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.tokenizer = tokenizer
@@ -179,11 +177,11 @@ class StableDiffusionPipeline:
         self.vae_scale = 2 ** (len(tuple(config.vae["block_out_channels"])) - 1)
         self.latent_channels = int(dict(config.vae).get("latent_channels", 4))
         self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
-        self.compiler_options = compiler_options(ynn_fusions, backend=self.mesh.devices.flat[0].platform)
+        self.compiler_options = jit_compiler_options(self.mesh.devices.flat[0].platform, compiler_options)
         replicated = NamedSharding(self.mesh, P())
         cast = lambda x: jnp.asarray(x, self.dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
         self.params = jax.device_put(jax.tree.map(cast, params), replicated)
-        self._loops: dict[_LoopKey, Callable] = {}
+        self._loops: dict[LoopSpec, Callable] = {}
         jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self._encode_text = jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids).context)
         self._decode = jit(self._decode_latents)
@@ -233,60 +231,34 @@ class StableDiffusionPipeline:
         spec = P("data") if np.shape(x)[0] % n == 0 else P()
         return jax.device_put(x, NamedSharding(self.mesh, spec))
 
-    def _loop(self, key: _LoopKey) -> Callable:
-        if key not in self._loops:
-            self._loops[key] = jax.jit(self._make_loop(key), compiler_options=self.compiler_options)
-        return self._loops[key]
+    def _loop(self, spec: LoopSpec) -> Callable:
+        if spec not in self._loops:
+            self._loops[spec] = jax.jit(self._make_loop(spec), compiler_options=self.compiler_options)
+        return self._loops[spec]
 
-    def _make_loop(self, key: _LoopKey):
+    def _make_loop(self, spec: LoopSpec):
         unet = self.unet
 
         def run(unet_params, sampler: Sampler, x, context, guidance_scale, guidance_rescale, rng, start, cond):
-            """x: initial latents (noise * init_noise_sigma, or noised image latents) [B,h,w,C] f32.
-            context: [2B, L, D] (uncond rows first) with CFG, else [B, L, D]. cond: inpainting inputs."""
-            b = x.shape[0]
-            if key.cfg:
-                # [uncond rows; cond rows] -> one (uncond, cond) pair per sample: the UNet takes the
-                # latents once and runs its layers before the first cross-attention once per sample.
-                context = context.reshape(2, b, *context.shape[1:]).swapaxes(0, 1).reshape(context.shape)
+            def apply(x_in, t_b):
+                if spec.mode == "inpaint_unet":
+                    x_in = jnp.concatenate([x_in, cond["mask"], cond["masked_latents"]], axis=-1)
+                return unet.apply({"params": unet_params}, x_in.astype(unet.dtype), t_b, context).astype(jnp.float32)
 
-            def model_fn(x_in, t):
-                inp = x_in
-                if key.mode == "inpaint_unet":
-                    inp = jnp.concatenate([inp, cond["mask"], cond["masked_latents"]], axis=-1)
-                t_b = jnp.broadcast_to(t, (b,))
-                out = unet.apply({"params": unet_params}, inp.astype(unet.dtype), t_b, context).astype(jnp.float32)
-                if not key.cfg:
-                    return out
-                out = out.reshape(b, 2, *out.shape[1:])
-                uncond, text = out[:, 0], out[:, 1]
-                guided = uncond + guidance_scale * (text - uncond)
-                # guidance rescale (Lin et al. 2023), a no-op at 0
-                std_text = jnp.std(text, axis=(1, 2, 3), keepdims=True)
-                std_cfg = jnp.std(guided, axis=(1, 2, 3), keepdims=True)
-                rescaled = guided * (std_text / std_cfg)
-                return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+            model_fn = guided(apply, guidance_scale, guidance_rescale) if spec.cfg else \
+                lambda x_in, t: apply(x_in, jnp.broadcast_to(t, (x_in.shape[0],)))
 
-            def body(i, carry):
-                x, state = carry
-                out = model_fn(sampler.scale_model_input(state, x, i), sampler.timesteps[i])
-                noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-                x, state = sampler.step(state, out, x, i, noise if sampler.stochastic else None)
-                if key.mode == "inpaint_blend":
-                    # keep the known region on the noise level of the next step (exact at the end)
-                    nxt = jnp.minimum(i + 1, sampler.num_steps - 1)
-                    known = jnp.where(i + 1 < sampler.num_steps,
-                                      sampler.add_noise(cond["image_latents"], cond["noise"], nxt),
-                                      cond["image_latents"])
-                    x = (1 - cond["latent_mask"]) * known + cond["latent_mask"] * x
-                return x, state
+            def blend(i, x):  # keep the known region on the noise level of the next step (exact at the end)
+                nxt = jnp.minimum(i + 1, sampler.num_steps - 1)
+                known = jnp.where(i + 1 < sampler.num_steps,
+                                  sampler.add_noise(cond["image_latents"], cond["noise"], nxt), cond["image_latents"])
+                return (1 - cond["latent_mask"]) * known + cond["latent_mask"] * x
 
-            x, _ = jax.lax.fori_loop(start, sampler.num_steps, body, (x, sampler.init(x)))
-            return x
+            return denoise(sampler, model_fn, x, rng, start, blend if spec.mode == "inpaint_blend" else None)
 
         return run
 
-    # -- public API ------------------------------------------------------------------------
+    # -- the three steps -------------------------------------------------------------------
 
     def _validate(self, prompts, height, width, steps, sampler, guidance_scale):
         if not prompts:
@@ -302,8 +274,10 @@ class StableDiffusionPipeline:
         if not np.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
 
-    def _prepare(self, prompt, negative_prompt, num_images_per_prompt, height, width, steps, sampler,
-                 guidance_scale, sampler_options):
+    def _conditioning(self, prompt, negative_prompt, num_images_per_prompt, height, width, steps, sampler,
+                      guidance_scale, sampler_options):
+        """-> (context, sampler, latent shape, cfg): prompts encoded (with each negative prompt, in
+        (negative, prompt) pairs, when guided) and the sampler built."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         cfg = self.config
         default = int(cfg.unet["sample_size"]) * self.vae_scale
@@ -320,10 +294,11 @@ class StableDiffusionPipeline:
             negatives = (negatives * len(prompts))[: len(prompts)] if len(negatives) == 1 else \
                 [n for n in negatives for _ in range(num_images_per_prompt)]
         use_cfg = guidance_scale > 1.0
-        context = self.encode_prompt(negatives + prompts if use_cfg else prompts)
+        rows = [r for pair in zip(negatives, prompts) for r in pair] if use_cfg else prompts
+        context = self.encode_prompt(rows)
         smp = get_sampler_from_config(sampler, dict(cfg.scheduler), int(steps), **(sampler_options or {}))
         shape = (len(prompts), height // self.vae_scale, width // self.vae_scale, self.latent_channels)
-        return prompts, context, smp, shape, use_cfg
+        return context, smp, shape, use_cfg
 
     def _initial_noise(self, latents, shape, rng):
         if latents is None:
@@ -336,15 +311,40 @@ class StableDiffusionPipeline:
                              f"or {(shape[0], shape[3], shape[1], shape[2])} (NCHW)")
         return jnp.asarray(lat)
 
-    def _finish(self, x, output_type):
-        images = np.asarray(self._decode(self.params["vae"], x))
-        if output_type == "np":
-            return images
+    def _inputs(self, mode, steps, context, smp, use_cfg, x, guidance_scale, guidance_rescale, rng, start=0,
+                cond=None) -> DenoiseInputs:
+        return DenoiseInputs(LoopSpec(type(smp).__name__, int(steps), use_cfg, mode), smp, self._shard(x), context,
+                             jnp.float32(guidance_scale), jnp.float32(guidance_rescale), rng, jnp.int32(start),
+                             jax.tree.map(self._shard, cond or {}))
+
+    def denoise(self, inputs: DenoiseInputs) -> jax.Array:
+        """Run the jitted denoising loop (compiled once per :class:`LoopSpec`) -> final latents."""
+        return self._loop(inputs.spec)(self.params["unet"], inputs.sampler, inputs.latents, inputs.context,
+                                       inputs.guidance_scale, inputs.guidance_rescale, inputs.rng, inputs.start,
+                                       inputs.cond)
+
+    def decode(self, latents: jax.Array, output_type: str = "pil"):
+        """Latents -> ``"pil"`` (list of images), ``"np"`` (float ``[B,H,W,3]`` in [0,1]) or ``"latent"``."""
         if output_type == "latent":
-            return np.asarray(x)
-        if output_type == "pil":
-            return to_pil(images)
-        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+            return np.asarray(latents)
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        images = np.asarray(self._decode(self.params["vae"], latents))
+        return to_pil(images) if output_type == "pil" else images
+
+    def prepare_txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                        height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                        guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim",
+                        seed: int = 0, latents: Any = None, num_images_per_prompt: int = 1,
+                        sampler_options: dict | None = None) -> DenoiseInputs:
+        """The :class:`DenoiseInputs` of a text-to-image call (see :meth:`__call__`)."""
+        context, smp, shape, use_cfg = self._conditioning(
+            prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
+            guidance_scale, sampler_options)
+        rng_noise, rng_loop = jax.random.split(jax.random.key(seed))
+        x = self._initial_noise(latents, shape, rng_noise) * smp.init_noise_sigma
+        return self._inputs("txt2img", num_inference_steps, context, smp, use_cfg, x, guidance_scale,
+                            guidance_rescale, rng_loop)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
@@ -361,15 +361,13 @@ class StableDiffusionPipeline:
         Returns:
           Images as selected by ``output_type``.
         """
-        prompts, context, smp, shape, use_cfg = self._prepare(
-            prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
-            guidance_scale, sampler_options)
-        rng_noise, rng_loop = jax.random.split(jax.random.key(seed))
-        x = self._initial_noise(latents, shape, rng_noise) * smp.init_noise_sigma
-        loop = self._loop(_LoopKey(type(smp).__name__, int(num_inference_steps), use_cfg, "txt2img"))
-        x = loop(self.params["unet"], smp, self._shard(x), context, jnp.float32(guidance_scale),
-                 jnp.float32(guidance_rescale), rng_loop, jnp.int32(0), {})
-        return self._finish(x, output_type)
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        inputs = self.prepare_txt2img(prompt, negative_prompt, height=height, width=width,
+                                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                      guidance_rescale=guidance_rescale, sampler=sampler, seed=seed, latents=latents,
+                                      num_images_per_prompt=num_images_per_prompt, sampler_options=sampler_options)
+        return self.decode(self.denoise(inputs), output_type)
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, *, num_inference_steps: int = 50,
                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim", seed: int = 0,
@@ -383,18 +381,16 @@ class StableDiffusionPipeline:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         height, width = _as_float_image(image, "image").shape[1:3]
-        prompts, context, smp, shape, use_cfg = self._prepare(
+        context, smp, shape, use_cfg = self._conditioning(
             prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
             guidance_scale, sampler_options)
         start = smp.start_index(strength)
         rng_enc, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 3)
-        image_latents = self._image_latents(image, height, width, len(prompts), rng_enc, posterior)
-        eps = self._initial_noise(noise, shape, rng_noise)
-        x = smp.add_noise(image_latents, eps, start)
-        loop = self._loop(_LoopKey(type(smp).__name__, int(num_inference_steps), use_cfg, "txt2img"))
-        x = loop(self.params["unet"], smp, self._shard(x), context, jnp.float32(guidance_scale),
-                 jnp.float32(guidance_rescale), rng_loop, jnp.int32(start), {})
-        return self._finish(x, output_type)
+        image_latents = self._image_latents(image, height, width, shape[0], rng_enc, posterior)
+        x = smp.add_noise(image_latents, self._initial_noise(noise, shape, rng_noise), start)
+        inputs = self._inputs("txt2img", num_inference_steps, context, smp, use_cfg, x, guidance_scale,
+                              guidance_rescale, rng_loop, start)
+        return self.decode(self.denoise(inputs), output_type)
 
     def _image_latents(self, image, height, width, batch, rng, posterior):
         if posterior not in ("sample", "mode"):
@@ -419,7 +415,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         height, width = _as_float_image(image, "image").shape[1:3]
         mask = preprocess_mask(mask_image, height, width)
-        prompts, context, smp, shape, use_cfg = self._prepare(
+        context, smp, shape, use_cfg = self._conditioning(
             prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
             guidance_scale, sampler_options)
         in_channels = int(self.config.unet["in_channels"])
@@ -428,7 +424,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"a UNet with {in_channels} input channels cannot inpaint")
         start = smp.start_index(strength)
         rng_enc, rng_mask, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 4)
-        b = len(prompts)
+        b = shape[0]
         pixels = preprocess_image(image, height, width)
         image_latents = self._image_latents(image, height, width, b, rng_enc, posterior)
         s = self.vae_scale
@@ -441,11 +437,9 @@ class StableDiffusionPipeline:
             cond = {"mask": latent_mask, "masked_latents": masked_latents}
         else:
             cond = {"image_latents": image_latents, "noise": eps, "latent_mask": latent_mask}
-        cond = jax.tree.map(self._shard, cond)
-        loop = self._loop(_LoopKey(type(smp).__name__, int(num_inference_steps), use_cfg, mode))
-        x = loop(self.params["unet"], smp, self._shard(x), context, jnp.float32(guidance_scale),
-                 jnp.float32(guidance_rescale), rng_loop, jnp.int32(start), cond)
-        return self._finish(x, output_type)
+        inputs = self._inputs(mode, num_inference_steps, context, smp, use_cfg, x, guidance_scale, guidance_rescale,
+                              rng_loop, start, cond)
+        return self.decode(self.denoise(inputs), output_type)
 
 
 def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num_images: int = 1,

@@ -125,10 +125,10 @@ def test_interrupted_encoding_resumes(setup, encoded):
 def test_training_from_cache_equals_training_from_images(setup, encoded, reference):
     """The trainer's batch source for data.cached_latents, then 3 train steps on its batches vs 3
     steps on the same examples as images (+ token ids) through the frozen encoders: same losses."""
-    from ldm_jax.train import diffusion as D
+    from ldm_jax.train import diffusion_task as D
 
     loaded = setup["loaded"]
-    c = load_config(os.path.join(ROOT, "configs/tiny_train.py"), [f"--config.data.cached_latents={setup['out']}"])
+    c = load_config("tiny_train", [f"--config.data.cached_latents={setup['out']}"])
     for k in ("vae", "text_encoder", "scheduler"):  # the encoders that made the cache
         c[k] = loaded.config[k]
     # a one-level UNet and unoptimised XLA: compiling dominates this test

@@ -11,11 +11,12 @@ import pytest
 
 from ldm_jax.config_utils import load_config
 from ldm_jax.convert import WeightsError, load_model
-from ldm_jax.convert.workdir import checkpoint_steps, is_training_workdir
+from ldm_jax.train.workdir import checkpoint_steps, is_training_workdir
 from ldm_jax.models.tokenizer import PromptTokenizer
-from ldm_jax.pipeline import StableDiffusionPipeline, enable_compilation_cache
+from ldm_jax.pipeline import StableDiffusionPipeline
+from ldm_jax.runtime import enable_compilation_cache
 from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
-from ldm_jax.train import diffusion as D
+from ldm_jax.train import diffusion_task as D
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a red circle in the top left"
@@ -45,10 +46,10 @@ def _fake_params(init, *args, seed):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    enable_compilation_cache()  # as every pipeline does: a re-run skips the compiles
+    enable_compilation_cache()  # as the ldm-jax command does: a re-run skips the compiles
     root = tmp_path_factory.mktemp("workdir")
-    c = load_config(os.path.join(ROOT, "configs/tiny_train.py"))
-    c.train.update(dict(progress=False, tensorboard=False, sample_every=0, log_every=1, checkpoint_every=1,
+    c = load_config("tiny_train")
+    c.train.update(dict(progress=False, tensorboard=False, preview_every=0, log_every=1, checkpoint_every=1,
                         keep_checkpoints=3, async_checkpoints=False, lr=1e-2, warmup_steps=0))
     c.stages = [dict(resolution=16, steps=3, batch_size=2)]
     c.mesh = dict(data=1, fsdp=2)  # sharded on 2 devices; sampling restores on the host, uses 8

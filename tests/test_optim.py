@@ -8,8 +8,9 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ldm_jax.train import optim, vae_trainer
-from ldm_jax.train.diffusion import make_optimizer
+from ldm_jax.config_utils import load_config
+from ldm_jax.train import autoencoder_task, optim
+from ldm_jax.train.diffusion_task import make_optimizer
 
 
 def test_warmup_then_constant():
@@ -58,7 +59,8 @@ def _adam_steps(tx, n, dim=3):
 
 
 def test_diffusion_optimizer_follows_decay():
-    config = ConfigDict(dict(train=dict(lr=1e-2, warmup_steps=2, decay_steps=6, weight_decay=0.0)))
+    config = load_config("tiny_train")
+    config.train.update(dict(lr=1e-2, warmup_steps=2, decay_steps=6, weight_decay=0.0))
     tx, schedule = make_optimizer(config)
     moves = _adam_steps(tx, 8)
     # Adam's step with a constant gradient is ~lr, so each move is the schedule's rate at that update
@@ -67,9 +69,10 @@ def test_diffusion_optimizer_follows_decay():
 
 
 def test_autoencoder_optimizers_follow_decay():
-    config = ConfigDict(dict(optim=dict(base_learning_rate=1e-2, scale_lr=False, decay_steps=4),
-                             loss=dict(learn_logvar=False), train=dict(batch_size=1)))
-    gen, disc = vae_trainer.make_optimizers(config)
+    config = load_config("tiny_autoencoder")
+    config.optim.update(dict(base_learning_rate=1e-2, scale_lr=False, decay_steps=4))
+    config.train.batch_size = 1
+    gen, disc = autoencoder_task.make_optimizers(config)
     want = [float(optim.learning_rate_schedule(1e-2, 0, 4)(n)) for n in range(6)]
     np.testing.assert_allclose(_adam_steps(disc, 6), want, rtol=1e-3, atol=1e-9)
     params = {"ae": {"w": jnp.zeros(2)}, "logvar": jnp.zeros(())}
@@ -79,17 +82,17 @@ def test_autoencoder_optimizers_follow_decay():
         updates, state = gen.update(grads, state, params)
         assert float(jnp.abs(updates["ae"]["w"]).max()) == pytest.approx(want[n], rel=1e-3, abs=1e-9)
         assert float(updates["logvar"]) == 0.0  # frozen (LDM)
-    constant = vae_trainer.make_optimizers(ConfigDict(dict(optim=dict(base_learning_rate=1e-2, scale_lr=False),
-                                                           loss=dict(), train=dict(batch_size=1))))[1]
+    config.optim.decay_steps = 0
+    constant = autoencoder_task.make_optimizers(config)[1]
     np.testing.assert_allclose(_adam_steps(constant, 4), 1e-2, rtol=1e-3)
 
 
 def test_demo_stage_decay_option():
-    from ldm_jax.demo import _decay_steps
+    from ldm_jax.examples.shapes_demo.demo import _decay_steps
 
-    assert _decay_steps(ConfigDict(dict(steps=300))) == 0
-    assert _decay_steps(ConfigDict(dict(steps=300, lr_decay="cosine"))) == 300
+    assert _decay_steps(ConfigDict(dict(steps=300, warmup_steps=0, lr_decay="constant"))) == 0
+    assert _decay_steps(ConfigDict(dict(steps=300, warmup_steps=0, lr_decay="cosine"))) == 300
     with pytest.raises(ValueError, match="lr_decay"):
-        _decay_steps(ConfigDict(dict(steps=300, lr_decay="linear")))
+        _decay_steps(ConfigDict(dict(steps=300, warmup_steps=0, lr_decay="linear")))
     with pytest.raises(ValueError, match="warmup_steps"):
         _decay_steps(ConfigDict(dict(steps=30, warmup_steps=100, lr_decay="cosine")))

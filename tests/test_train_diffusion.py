@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.config_utils import load_config
-from ldm_jax.train import diffusion as D
+from ldm_jax.train import diffusion_task as D
 from ldm_jax.train import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,8 +21,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _config(**train):
-    c = load_config(os.path.join(ROOT, "configs/tiny_train.py"))
-    c.train.update(dict(progress=False, tensorboard=False, sample_every=0, log_every=1, **train))
+    c = load_config("tiny_train")
+    c.train.update(dict(progress=False, tensorboard=False, preview_every=0, log_every=1, **train))
     return c
 
 
@@ -123,7 +123,7 @@ def learned():
     src = D.make_batch_source(c, D.get_stages(c)[0], (0, 16))
     state, losses = ts.state, []
     for _ in range(300):
-        state, m = ts.step_fn(state, sharding.make_global_batch(ts.mesh, next(src), 16), ts.frozen)
+        state, m = ts.step_fn(state, sharding.make_global_batch(ts.mesh, next(src), 16), ts.aux)
         losses.append(m["loss"])
     return ts, state, np.asarray(jax.device_get(losses)), src
 
@@ -142,29 +142,15 @@ def test_non_finite_step_is_skipped(learned):
     batch["latents"][0, 0, 0, 0] = np.nan
     before = _flat((state.params, state.ema_params, state.opt_state))
     # a copy: the step donates its state, and later tests read the fixture's
-    new, m = ts.step_fn(jax.tree.map(jnp.copy, state), sharding.make_global_batch(ts.mesh, batch, 16), ts.frozen)
+    new, m = ts.step_fn(jax.tree.map(jnp.copy, state), sharding.make_global_batch(ts.mesh, batch, 16), ts.aux)
     assert int(m["skipped"]) == 1 and int(new.skipped_steps) == 1 and int(new.step) == 301
     after = _flat((new.params, new.ema_params, new.opt_state))
     for k in before:
         np.testing.assert_array_equal(before[k], after[k], err_msg=k)
 
 
-def test_compiler_options_join_ynn_fusions_and_raw_options():
-    """``train.ynn_fusions`` (CPU only) and ``train.compiler_options`` make one options dict."""
-    from ldm_jax import xla_cpu
-
-    c = load_config(os.path.join(ROOT, "configs/tiny_train.py"))
-    ynn = xla_cpu.compiler_options("dot,reduce", backend="cpu")
-    assert c.train.ynn_fusions == "dot,reduce" and D.compiler_options(c, "cpu") == ynn
-    c.train.compiler_options = {"xla_backend_optimization_level": 0}
-    assert D.compiler_options(c, "cpu") == {**ynn, "xla_backend_optimization_level": 0}
-    assert D.compiler_options(c, "gpu") == {"xla_backend_optimization_level": 0}  # no XLA:CPU flag elsewhere
-    c.train.ynn_fusions, c.train.compiler_options = "", None
-    assert D.compiler_options(c, "cpu") is None
-
-
 def test_preview_sampler_pairs_each_prompt_with_the_empty_prompt(learned):
-    """make_sampler (the EMA preview grids) runs the UNet on (prompt, empty prompt) context pairs:
+    """make_sampler (the EMA preview grids) runs the UNet on (empty prompt, prompt) context pairs:
     at guidance 0 only the empty prompt's branch counts, so different prompts give the same images;
     at guidance 5 the images follow the prompt."""
     ts, state, _, src = learned
@@ -173,10 +159,10 @@ def test_preview_sampler_pairs_each_prompt_with_the_empty_prompt(learned):
     other = next(i for i in range(len(ids)) if (ids[i] != ids[0]).any())
     a, b = ids[[0, 0]], ids[[other, 0]]
     key, shape = jax.random.key(3), (8, 8, c.unet.in_channels)
-    unguided = jax.jit(D.make_sampler(c, ts.models, num_steps=5, guidance_scale=0.0), static_argnums=4)
-    guided = jax.jit(D.make_sampler(c, ts.models, num_steps=5, guidance_scale=5.0), static_argnums=4)
-    u_a, u_b = (np.asarray(unguided(state.ema_params, ts.frozen, key, i, shape)) for i in (a, b))
-    g_a, g_b = (np.asarray(guided(state.ema_params, ts.frozen, key, i, shape)) for i in (a, b))
+    unguided = jax.jit(D.make_sampler(c, ts.task.models, num_steps=5, guidance_scale=0.0), static_argnums=4)
+    guided = jax.jit(D.make_sampler(c, ts.task.models, num_steps=5, guidance_scale=5.0), static_argnums=4)
+    u_a, u_b = (np.asarray(unguided(state.ema_params, ts.aux, key, i, shape)) for i in (a, b))
+    g_a, g_b = (np.asarray(guided(state.ema_params, ts.aux, key, i, shape)) for i in (a, b))
     assert u_a.shape == g_a.shape == (2, 8, 8, 3) and np.isfinite(g_a).all()
     np.testing.assert_allclose(u_a, u_b, atol=1e-5, rtol=0)
     assert np.abs(g_a[0] - g_b[0]).max() > 1e-2  # the first prompts differ

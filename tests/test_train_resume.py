@@ -3,7 +3,7 @@ across a stage change (SIGTERM), restore onto another mesh, SIGKILL during a sav
 
 All tests share one run configuration (micro UNet / text encoder / VAE, images through the frozen
 VAE, 50% text dropout, FSDP mesh data=2 x fsdp=4, two progressive stages), so the in-process runs
-compile the init and the two step shapes once (``diffusion.setup`` caches them) and the SIGKILL
+compile the init and the two step shapes once (the training loop caches them) and the SIGKILL
 worker loads them from this module's persistent compilation cache. Programs compile with XLA
 optimisation level 0 (``train.compiler_options``): several times faster to build on CPU.
 """
@@ -22,7 +22,7 @@ import pytest
 
 from ldm_jax.config_utils import load_config
 from ldm_jax.train import checkpoint as ckpt_lib
-from ldm_jax.train import diffusion as D
+from ldm_jax.train import diffusion_task as D
 from ldm_jax.train import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,10 +31,10 @@ _CACHE_ENV = "LDM_JAX_TEST_XLA_CACHE"
 
 
 def _config(**train):
-    """configs/tiny_train.py with the smallest models that keep every block type of the trainer's
+    """tiny_train with the smallest models that keep every block type of the trainer's
     path: UNet with one level (resnets, cross-attention mid block), 1-layer text encoder, 1-level VAE."""
-    c = load_config(os.path.join(ROOT, "configs/tiny_train.py"))
-    c.train.update(dict(progress=False, tensorboard=False, sample_every=0, log_every=1, compiler_options=FAST_COMPILE,
+    c = load_config("tiny_train")
+    c.train.update(dict(progress=False, tensorboard=False, preview_every=0, log_every=1, compiler_options=FAST_COMPILE,
                         **train))
     c.unet.update(dict(block_out_channels=(16,), down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
                        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=8))
@@ -108,7 +108,7 @@ _PRELUDE = """
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     sys.path.insert(0, os.path.join({root!r}, "tests"))
     from test_train_resume import _kill_config, _run_config
-    from ldm_jax.train import diffusion as D
+    from ldm_jax.train import diffusion_task as D, loop
 """
 
 
@@ -253,7 +253,7 @@ _WORKER = _PRELUDE + """
     # gloo gives a collective's participants 30 s to meet the first time it runs, and the two
     # processes share 2 cores: compile each step shape ahead, then wait for the other process
     # before the first run (the same executable train() would get from jit).
-    setup = D.setup
+    setup = loop.setup
 
     def synced_setup(*args, **kwargs):
         ts = setup(*args, **kwargs)
@@ -268,9 +268,9 @@ _WORKER = _PRELUDE + """
 
         return dataclasses.replace(ts, step_fn=step_fn)
 
-    D.setup = synced_setup
+    loop.setup = synced_setup
     c = _run_config()
-    c.distributed = dict(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id=pid)
+    c.distributed.update(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id=pid)
     state, hist = D.train(c, workdir)
     params = multihost_utils.process_allgather(state.params, tiled=True)
     if pid == 0:

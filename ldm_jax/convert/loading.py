@@ -1,11 +1,10 @@
 """One entry point for every model source: a diffusers folder or hub id, an original single file,
-or a training workdir of :func:`ldm_jax.train.diffusion.train`."""
+or a diffusion training workdir (:mod:`ldm_jax.train.workdir` owns that layout)."""
 from __future__ import annotations
 
 import os
 
 from ldm_jax.convert.diffusers_folder import LoadedModel, export_diffusers, load_pipeline_weights, load_single_file
-from ldm_jax.convert.workdir import is_training_workdir, load_workdir
 
 
 def load_model(path_or_id: str | os.PathLike, *, allow_pickle: bool = False, dtype=None,
@@ -14,11 +13,13 @@ def load_model(path_or_id: str | os.PathLike, *, allow_pickle: bool = False, dty
 
     A file is an original single-file SD checkpoint (``.safetensors``; ``.ckpt`` needs
     ``allow_pickle``); a folder with ``checkpoints/`` is a training workdir (see
-    :func:`ldm_jax.convert.workdir.load_workdir`: the latest complete checkpoint, or ``step``; EMA
+    :func:`ldm_jax.train.workdir.load_workdir`: the latest complete checkpoint, or ``step``; EMA
     weights unless ``ema=False``); another folder is a diffusers pipeline folder; anything else is a
     hub id. ``ema`` also picks the EMA/raw UNet of a single file with both; ``step`` applies to
     workdirs only.
     """
+    from ldm_jax.train.workdir import is_training_workdir, load_workdir  # the workdir's owner, above this layer
+
     path = os.fspath(path_or_id)
     kw = {} if dtype is None else {"dtype": dtype}
     if is_training_workdir(path):

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -76,14 +76,22 @@ class CheckpointManager:
       keep_last: number of most recent checkpoints kept.
       keep_every: also keep every step divisible by this forever (None: off).
       async_save: write in a background thread (``wait()`` blocks until done).
+      read_only: open existing checkpoints for reading only (:meth:`restore_subtree`); nothing is
+        created, saved or cleaned up.
     """
 
-    def __init__(self, directory: str, *, save_every: int, keep_last: int = 3,
-                 keep_every: int | None = None, async_save: bool = True):
+    def __init__(self, directory: str, *, save_every: int = 1, keep_last: int = 3,
+                 keep_every: int | None = None, async_save: bool = True, read_only: bool = False):
         if save_every <= 0 or keep_last <= 0:
             raise ValueError(f"save_every ({save_every}) and keep_last ({keep_last}) must be > 0")
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
+        self.read_only = read_only
+        if read_only:  # partial restores of the state need the PyTree handler (same files)
+            options = ocp.CheckpointManagerOptions(read_only=True)
+            handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+            self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            return
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep_last, keep_period=keep_every or None,
             create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -127,10 +135,31 @@ class CheckpointManager:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, _from_json(dict(out.meta or {}))
 
+    def state_tree(self, step: int) -> Any:
+        """The saved state's tree of array metadata (shapes, dtypes) at ``step``, without reading arrays."""
+        meta = self._mngr.item_metadata(int(step))["state"]
+        return getattr(meta, "tree", meta)
+
+    def restore_subtree(self, step: int, key: str) -> Any:
+        """``state[key]`` of ``step`` as host numpy arrays (read-only managers): one part of a
+        state dataclass, whatever mesh or device count the run had."""
+        tree = self.state_tree(step)
+        if not isinstance(tree, Mapping) or key not in tree:
+            found = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise KeyError(f"checkpoint {step} in {self.directory!r} holds no {key!r} (found {found})")
+        item = {key: tree[key]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        out = self._mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)))
+        return out.state[key]
+
     def wait(self) -> None:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
+        if self.read_only:
+            self._mngr.close()
+            return
         self._mngr.wait_until_finished()
         # Orbax removes leftover tmp directories (a save cut short by a crash) in a background thread
         # started by the constructor, and its close() does not wait for it: a manager opened and closed

@@ -1,9 +1,9 @@
-"""Start ``jax.distributed`` from flags or the environment, then run an ``ldm-jax`` command.
+"""Multi-process start-up: ``jax.distributed`` from a config, flags or the environment.
 
-The trainers call ``jax.distributed.initialize`` themselves when ``config.distributed.enabled`` is
-true (cluster auto-detection: TPU pods, SLURM) or when the config names the coordinator
-(:func:`ldm_jax.train.sharding.maybe_initialize_distributed`). This module covers what a config
-file cannot know: a coordinator chosen by the launcher (``launch/local.sh``), given as flags or as
+The training loop calls :func:`initialize_from_config` with ``config.distributed``: ``enabled=True``
+lets JAX detect the cluster (TPU pods, SLURM); a coordinator address, process count and process id
+set it up explicitly (local tests). The module's command covers what a config file cannot know: a
+coordinator chosen by the launcher (``launch/local.sh``), given as flags or as
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``::
 
     python -m ldm_jax.train.distributed --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 0 \\
@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Mapping, Sequence
 
-__all__ = ["distributed_params", "maybe_initialize_distributed", "main"]
+__all__ = ["distributed_params", "maybe_initialize_distributed", "initialize_from_config", "main"]
 
 
 def distributed_params(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -70,6 +70,24 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     jax.distributed.initialize(**params)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+def initialize_from_config(distributed: Mapping) -> bool:
+    """``jax.distributed.initialize`` once for a config's ``distributed`` section: explicit with a
+    ``coordinator_address`` (then ``num_processes`` and ``process_id`` too), JAX's cluster detection
+    with ``enabled=True``, else nothing. Returns whether JAX runs distributed afterwards."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    if distributed["coordinator_address"]:
+        return maybe_initialize_distributed(distributed["coordinator_address"], int(distributed["num_processes"]),
+                                            int(distributed["process_id"]))
+    if distributed["enabled"]:
+        jax.distributed.initialize()
+        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+        return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ over ``("data", "fsdp")``.
 """
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any, Mapping, Sequence
 
@@ -18,10 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 __all__ = [
     "MESH_AXES",
     "BATCH_AXES",
-    "maybe_initialize_distributed",
     "make_mesh",
     "param_partition_specs",
     "param_shardings",
+    "config_param_shardings",
     "batch_sharding",
     "replicated",
     "local_batch_rows",
@@ -30,24 +29,6 @@ __all__ = [
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-
-def maybe_initialize_distributed(config: Mapping[str, Any] | None = None) -> None:
-    """Call ``jax.distributed.initialize`` once when running multi-host.
-
-    ``config`` (``config.distributed``, optional) may hold ``coordinator_address``,
-    ``num_processes``, ``process_id`` (explicit set-up, e.g. local tests); with
-    ``enabled=True`` and no fields, JAX auto-detects the cluster (TPU pods, SLURM, ...).
-    Nothing happens for a single process without configuration.
-    """
-    config = dict(config or {})
-    if jax.distributed.is_initialized():
-        return
-    explicit = {k: config[k] for k in ("coordinator_address", "num_processes", "process_id",
-                                       "local_device_ids") if config.get(k) is not None}
-    if explicit or config.get("enabled", False):
-        jax.distributed.initialize(**explicit)
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -123,6 +104,11 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = 
     """NamedShardings for a params pytree (see :func:`param_partition_specs`)."""
     specs = param_partition_specs(params, mesh, rules, min_size)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def config_param_shardings(tree: Any, mesh: Mesh, sharding_config: Mapping[str, Any]) -> Any:
+    """:func:`param_shardings` with a config's ``sharding`` section (``rules``, ``min_size``)."""
+    return param_shardings(tree, mesh, tuple(sharding_config["rules"]), int(sharding_config["min_size"]))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

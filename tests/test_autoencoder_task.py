@@ -1,9 +1,9 @@
-"""Autoencoder training stage (real AutoencoderKL / VQModel, grain pipeline over shapes_captions):
-PatchGAN parity, hinge loss, adaptive weight, disc start, LPIPS and KL terms, learning, exact
-resume, the VQ variant through the CLI.
+"""The autoencoder task (real AutoencoderKL / VQModel, grain pipeline over shapes_captions) in the one
+training loop: PatchGAN parity, hinge loss, adaptive weight, disc start, LPIPS and KL terms,
+learning, exact resume, the VQ variant through the CLI.
 
 Kept fast by compiling each configuration once: every run of one config shares the jitted init and
-step (``vae_trainer.setup`` caches them), and the configs compile with XLA optimisation level 0.
+step (the training loop caches them), and the configs compile with XLA optimisation level 0.
 The LPIPS path runs on a batch of 2 on one device (XLA's CPU convs at VGG16's 2x2x512 layers are
 slow); the learning/resume and VQ runs turn LPIPS off.
 """
@@ -24,9 +24,8 @@ from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import sharding
-from ldm_jax.train import vae_trainer as vt
+from ldm_jax.train import autoencoder_task as vt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 KL_WEIGHT = 0.1  # large enough that the KL term is visible in the checks below
 
@@ -37,9 +36,9 @@ def data_dir(tmp_path_factory):
 
 
 def _config(data_dir, variant=None, **loss):
-    c = load_config(os.path.join(ROOT, "configs", "tiny_autoencoder.py" + (f":{variant}" if variant else "")))
+    c = load_config("tiny_autoencoder" + (f":{variant}" if variant else ""))
     c.loss.update(loss)
-    c.train.update(dict(progress=False, tensorboard=False, image_every=0, log_every=10, checkpoint_every=1000,
+    c.train.update(dict(progress=False, tensorboard=False, preview_every=0, log_every=10, checkpoint_every=1000,
                         compiler_options=FAST_COMPILE))
     c.data.update(dict(data_dir=data_dir, num_train=64, num_validation=8, num_heldout=8))
     return c
@@ -137,24 +136,24 @@ def kl_steps(data_dir):
     config.train.batch_size = 2
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     ts = vt.setup(config, mesh)
-    assert isinstance(ts.model, AutoencoderKL)
+    assert isinstance(ts.task.model, AutoencoderKL)
     images = next(vt.make_data_iterator(config, data_dir))["image"]
     assert images.shape == (2, 16, 16, 3) and images.min() >= -1 and images.max() <= 1
     batch = sharding.make_global_batch(mesh, {"image": images}, 2)
     state, states, metrics = ts.state, [], []
-    lpips0 = _host(state.lpips_params)
+    lpips0 = _host(ts.aux["lpips"])
+    assert jax.tree.leaves(lpips0)  # LPIPS on: a (random) VGG in the aux
     for _ in range(3):
-        states.append(_host(state.replace(lpips_params=None)))
-        state, m = ts.step_fn(state, batch)  # donates state
+        states.append(_host(state))
+        state, m = ts.step_fn(state, batch, ts.aux)  # donates state, not the frozen aux
         metrics.append(_host(m))
-    states.append(_host(state.replace(lpips_params=None)))
-    assert _same(_host(state.lpips_params), lpips0)  # LPIPS is frozen
-    states = [s.replace(lpips_params=lpips0) for s in states]
-    return config, ts.model, jnp.asarray(images), states, metrics
+    states.append(_host(state))
+    assert _same(_host(ts.aux["lpips"]), lpips0)  # LPIPS is frozen
+    return config, ts.task.model, jnp.asarray(images), states, metrics, lpips0
 
 
 def test_no_discriminator_before_disc_start(kl_steps):
-    config, _, _, states, metrics = kl_steps
+    config, _, _, states, metrics, _ = kl_steps
     s0 = states[0]
     for m in metrics[:2]:  # steps 0 and 1 < disc_start
         assert float(m["disc_factor"]) == 0.0 and float(m["disc_loss"]) == 0.0 and float(m["g_loss"]) == 0.0
@@ -178,7 +177,7 @@ def test_adaptive_weight_lpips_and_kl_terms(kl_steps):
     ||d nll / dL|| / (||d g / dL|| + 1e-4) * 0.5 at the decoder's last conv L; nll includes LPIPS;
     kl_loss is the posterior KL; loss = nll + kl_weight * KL + d_weight * g; the generator
     gradient is that total's with d_weight held fixed."""
-    config, model, x, states, metrics = kl_steps
+    config, model, x, states, metrics, lpips_params = kl_steps
     s, m = states[2], metrics[2]
     key = jax.random.fold_in(s.rng, s.step)
     disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers)
@@ -190,7 +189,7 @@ def test_adaptive_weight_lpips_and_kl_terms(kl_steps):
 
         def nll(ae):
             rec = forward(ae)[0]
-            p = LPIPS().apply(s.lpips_params, x, rec)
+            p = LPIPS().apply(lpips_params, x, rec)
             r = jnp.abs(x - rec) + p[:, None, None, None]
             return jnp.sum(r / jnp.exp(lv) + lv) / x.shape[0], jnp.mean(p)
 
@@ -232,7 +231,7 @@ def kl_run(data_dir, tmp_path_factory):
     # scales its gradient to disc_weight x the reconstruction gradient at the decoder's last layer; at
     # 0.5 its first 20 steps lift L1 by ~40% on this 150-step run (0.31 -> 0.44), hiding what the test checks.
     config = _config(data_dir, disc_start=130, perceptual_weight=0.0, disc_weight=0.1)
-    config.train.update(dict(num_steps=150, tensorboard=True, image_every=75, checkpoint_every=75))
+    config.train.update(dict(num_steps=150, tensorboard=True, preview_every=75, checkpoint_every=75))
     work = str(tmp_path_factory.mktemp("ae_full"))
     state, history = vt.train_autoencoder(config, work, devices=jax.devices()[:2])
     return config, work, state, history
@@ -248,7 +247,6 @@ def test_autoencoder_learns(kl_run):
     assert last < 0.6 * first, (first, last)
     assert history[129]["disc_factor"] == 0.0 and history[130]["disc_factor"] == 1.0  # steps 129, 130 (0-based)
     assert history[-1]["disc_loss"] > 0 and history[-1]["d_weight"] > 0
-    assert state.lpips_params == {}  # LPIPS off: no VGG in the state
     mngr = ckpt_lib.CheckpointManager(os.path.join(work, "checkpoints"), save_every=75)
     assert mngr.all_steps() == [75, 150]
     mngr.close()
@@ -260,8 +258,9 @@ def test_autoencoder_learns(kl_run):
     held.train.batch_size = 8
     x = jnp.asarray(next(vt.make_data_iterator(held, config.data.data_dir))["image"])
     l1 = jax.jit(lambda p: jnp.mean(jnp.abs(x - model.apply({"params": p}, x)[0])), compiler_options=FAST_COMPILE)
-    init = vt.setup(config, sharding.make_mesh({"data": 2}, jax.devices()[:2])).state
-    assert float(l1(state.params["ae"])) < 0.6 * float(l1(init.params["ae"]))
+    init = vt.setup(config, sharding.make_mesh({"data": 2}, jax.devices()[:2]))
+    assert init.aux == {"lpips": {}}  # LPIPS off: no VGG anywhere
+    assert float(l1(state.params["ae"])) < 0.6 * float(l1(init.state.params["ae"]))
 
 
 def test_resume_is_exact(kl_run, tmp_path):
@@ -269,7 +268,7 @@ def test_resume_is_exact(kl_run, tmp_path):
     autoencoder, discriminator (params, BatchNorm statistics), both optimizers, data position."""
     config, _, full, _ = kl_run
     c = config.copy_and_resolve_references()
-    c.train.update(dict(tensorboard=False, image_every=0, checkpoint_every=1000))
+    c.train.update(dict(tensorboard=False, preview_every=0, checkpoint_every=1000))
     c.train.num_steps = 140
     work = str(tmp_path / "split")
     first, _ = vt.train_autoencoder(c, work, devices=jax.devices()[:2])
@@ -277,7 +276,7 @@ def test_resume_is_exact(kl_run, tmp_path):
     c.train.num_steps = 150
     state, history = vt.train_autoencoder(c, work, devices=jax.devices()[:2])
     assert int(state.step) == 150 and history[0]["step"] == 141
-    a, b = _flat(full.replace(lpips_params=None)), _flat(state.replace(lpips_params=None))
+    a, b = _flat(full), _flat(state)
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -286,7 +285,7 @@ def test_resume_is_exact(kl_run, tmp_path):
 # ------------------------------------------------------------------ VQ variant (VQModel + codebook loss)
 def _vq_overrides(data_dir):
     return ["--config.loss.perceptual_weight=0.0", "--config.loss.disc_start=0", "--config.loss.codebook_weight=0.7",
-            "--config.train.progress=False", "--config.train.tensorboard=False", "--config.train.image_every=0",
+            "--config.train.progress=False", "--config.train.tensorboard=False", "--config.train.preview_every=0",
             f"--config.train.compiler_options={FAST_COMPILE!r}", f"--config.data.data_dir={data_dir}",
             "--config.data.num_train=64", "--config.data.num_validation=8", "--config.data.num_heldout=8"]
 
@@ -294,14 +293,14 @@ def _vq_overrides(data_dir):
 def test_vq_variant_loss(data_dir):
     """kind='vq' with VQModel: nll is mean(rec), the codebook loss enters with codebook_weight, no
     KL/logvar (checked against the model's own outputs on the step's batch)."""
-    config = load_config(os.path.join(ROOT, "configs", "tiny_autoencoder.py:vq"))
+    config = load_config("tiny_autoencoder:vq")
     apply_overrides(config, _vq_overrides(data_dir))
     ts = vt.setup(config)  # all devices, as the CLI run below
-    assert isinstance(ts.model, VQModel)
+    assert isinstance(ts.task.model, VQModel)
     x = next(vt.make_data_iterator(config, data_dir))["image"]
     params = _host(ts.state.params["ae"])
-    _, m = ts.step_fn(ts.state, sharding.make_global_batch(ts.mesh, {"image": x}, 8))
-    rec, info = jax.jit(ts.model.apply, compiler_options=FAST_COMPILE)({"params": params}, jnp.asarray(x))
+    _, m = ts.step_fn(ts.state, sharding.make_global_batch(ts.mesh, {"image": x}, 8), ts.aux)
+    rec, info = jax.jit(ts.task.model.apply, compiler_options=FAST_COMPILE)({"params": params}, jnp.asarray(x))
     nll = float(jnp.mean(jnp.abs(x - rec)))
     np.testing.assert_allclose(float(m["nll_loss"]), nll, rtol=1e-5)
     np.testing.assert_allclose(float(m["codebook_loss"]), float(info["codebook_loss"]), rtol=1e-5)
@@ -312,19 +311,19 @@ def test_vq_variant_loss(data_dir):
 
 
 def test_vq_variant_trains_from_cli(data_dir, tmp_path):
-    """``ldm-jax train-autoencoder --config configs/tiny_autoencoder.py:vq`` end to end (shapes_captions,
-    8 devices, checkpoints), then resumed."""
+    """``ldm-jax train --config tiny_autoencoder:vq`` end to end (shapes_captions, 8 devices,
+    checkpoints), then resumed."""
     from ldm_jax import cli
 
     work = str(tmp_path / "vq")
-    argv = ["train-autoencoder", "--config", os.path.join(ROOT, "configs", "tiny_autoencoder.py:vq"),
+    argv = ["train", "--config", "tiny_autoencoder:vq",
             "--workdir", work, "--config.train.num_steps=6", "--config.train.checkpoint_every=4",
             "--config.train.log_every=3"] + _vq_overrides(data_dir)
     assert cli.main(argv) == 0
     mngr = ckpt_lib.CheckpointManager(os.path.join(work, "checkpoints"), save_every=4)
     assert mngr.all_steps() == [4, 6]
     mngr.close()
-    config = load_config(os.path.join(ROOT, "configs", "tiny_autoencoder.py:vq"))
+    config = load_config("tiny_autoencoder:vq")
     apply_overrides(config, _vq_overrides(data_dir))
     config.train.num_steps = 9
     state, history = vt.train_autoencoder(config, work)  # resumes at 6

@@ -1,13 +1,14 @@
-"""Training workdirs as model sources: what :func:`ldm_jax.train.diffusion.train` writes for sampling,
-and :func:`load_workdir`, which reads it back as a :class:`LoadedModel`.
+"""The training workdir: its layout, written by the training loop and read back as a model source.
 
-A workdir (``train(config, workdir, frozen=...)``) holds::
+This module is the only one that knows the layout; the loop writes through it and
+:func:`ldm_jax.convert.load_model` reads through :func:`load_workdir`::
 
   workdir/config.json                     the resolved training config (rewritten at every start)
-  workdir/frozen/text_encoder.safetensors the frozen CLIP text encoder params (Flax layout, '/' keys)
-  workdir/frozen/vae.safetensors          the frozen VAE params (absent when trained on latents)
-  workdir/tokenizer/                      a copy of ``config.tokenizer`` when that is a local folder
-  workdir/checkpoints/<step>/state|meta   orbax checkpoints (UNet params, EMA params, optimizer, ...)
+  workdir/checkpoints/<step>/state|meta   orbax checkpoints (train state; loop metadata: stage, data position)
+  workdir/tensorboard/                    TensorBoard scalars and previews
+  workdir/frozen/text_encoder.safetensors diffusion: the frozen CLIP text encoder params (Flax layout, '/' keys)
+  workdir/frozen/vae.safetensors          diffusion: the frozen VAE params (absent when trained on latents)
+  workdir/tokenizer/                      diffusion: a copy of ``config.tokenizer`` when that is a local folder
 
 The frozen encoders are written once, when the workdir is created (a resumed run keeps them):
 whatever the trainer was given, in-memory params included, sampling gets the same weights.
@@ -30,16 +31,19 @@ import numpy as np
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_state_dict
 from ldm_jax.convert.diffusers_folder import LoadedModel, _make_config, build_configs_and_shapes
 from ldm_jax.convert.torch_flax import WeightsError
+from ldm_jax.train.checkpoint import CheckpointManager
 
-__all__ = ["CONFIG_FILE", "FROZEN_DIR", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "is_training_workdir",
-           "checkpoint_steps", "restore_unet_params", "load_workdir", "write_workdir_model"]
+__all__ = ["CONFIG_FILE", "FROZEN_DIR", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "TENSORBOARD_DIR", "is_training_workdir",
+           "write_config", "write_frozen", "tensorboard_dir", "open_checkpoints", "checkpoint_steps", "restore_unet_params",
+           "load_workdir"]
 
 CONFIG_FILE = "config.json"
 FROZEN_DIR = "frozen"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 _FROZEN_FILES = {"text": "text_encoder.safetensors", "vae": "vae.safetensors"}
-_FORMAT = {"format": "flax", "writer": "ldm_jax.convert.workdir"}
+_FORMAT = {"format": "flax", "writer": "ldm_jax.train.workdir"}
 
 
 def is_training_workdir(path: str | os.PathLike) -> bool:
@@ -83,13 +87,19 @@ def _config_json(config) -> dict:
     return json.loads(json.dumps(dict(config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def write_workdir_model(workdir: str, config, frozen: Mapping[str, Any]) -> None:
-    """What the trainer writes so that the workdir is a model source (see the module docstring).
+def write_config(workdir: str, config) -> None:
+    """``workdir/config.json``: the resolved config, rewritten at every start (process 0, atomic)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), _config_json(config))
 
-    ``config.json`` is (re)written at every call; the frozen params (``frozen["text"]``,
-    ``frozen["vae"]``; None entries skipped) and the tokenizer copy only when missing. Every
-    process must call it (gathering params sharded over hosts is a collective); process 0 writes.
-    """
+
+def write_frozen(workdir: str, config, frozen: Mapping[str, Any]) -> None:
+    """The frozen encoders' params (``frozen["text"]``, ``frozen["vae"]``; None entries skipped) and a
+    copy of a local ``config.tokenizer`` folder, each only when missing: the workdir becomes a model
+    source. Every process must call it (gathering params sharded over hosts is a collective);
+    process 0 writes."""
     multi = jax.process_count() > 1
     frozen_dir = os.path.join(workdir, FROZEN_DIR)
     wanted = {k: f for k, f in _FROZEN_FILES.items() if frozen.get(k) is not None}
@@ -102,7 +112,6 @@ def write_workdir_model(workdir: str, config, frozen: Mapping[str, Any]) -> None
     if jax.process_index() != 0:
         return
     os.makedirs(frozen_dir, exist_ok=True)
-    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), _config_json(config))
     for key, params in host.items():
         path = os.path.join(frozen_dir, wanted[key])
         if not os.path.isfile(path):
@@ -112,6 +121,18 @@ def write_workdir_model(workdir: str, config, frozen: Mapping[str, Any]) -> None
     if isinstance(tok, str) and os.path.isdir(tok) and not os.path.isdir(dst):
         shutil.copytree(tok, dst + ".tmp", dirs_exist_ok=True)
         os.replace(dst + ".tmp", dst)
+
+
+def tensorboard_dir(workdir: str) -> str:
+    return os.path.join(workdir, TENSORBOARD_DIR)
+
+
+def open_checkpoints(workdir: str, train) -> CheckpointManager:
+    """The checkpoint manager of ``workdir/checkpoints`` with a config's ``train`` section's policy
+    (``checkpoint_every``, ``keep_checkpoints``, ``keep_every``, ``async_checkpoints``)."""
+    return CheckpointManager(os.path.join(workdir, CHECKPOINTS_DIR), save_every=int(train.checkpoint_every),
+                             keep_last=int(train.keep_checkpoints), keep_every=int(train.keep_every) or None,
+                             async_save=bool(train.async_checkpoints))
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -130,7 +151,7 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 
 
 class _QuietAbsl:
-    """Orbax warns that the item folder has no ``_CHECKPOINT_METADATA`` (it lives one level up)."""
+    """Orbax logs warnings about read-only managers; sampling needs none of them."""
 
     def __enter__(self):
         self.logger = logging.getLogger("absl")
@@ -152,8 +173,6 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
       FileNotFoundError: no complete checkpoint, or ``step`` is not among them.
       WeightsError: the checkpoint cannot be read (corrupt, truncated, not a diffusion train state).
     """
-    import orbax.checkpoint as ocp
-
     workdir = os.fspath(workdir)
     steps = checkpoint_steps(workdir)
     ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
@@ -167,37 +186,25 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
                                 f"complete checkpoints: {steps}")
     step = int(step)
     key = "ema_params" if ema else "params"
-    state_dir = os.path.abspath(os.path.join(ckpt_dir, str(step), "state"))
-    ckptr = ocp.PyTreeCheckpointer()
-    try:
-        with _QuietAbsl():
-            meta = ckptr.metadata(state_dir).item_metadata
-            tree = getattr(meta, "tree", meta)
-            if not isinstance(tree, Mapping):
-                raise ValueError(f"no readable tree metadata in {state_dir!r}")
-            if key not in tree:
-                raise WeightsError(f"checkpoint {state_dir!r} holds no {key!r} (found {sorted(tree)}); "
-                                   f"is it a diffusion train state?")
-            item = {key: tree[key]}
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-            out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                      partial_restore=True))
-    except WeightsError:
-        raise
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        raise WeightsError(f"checkpoint of step {step} in {ckpt_dir!r} cannot be read (corrupt or "
-                           f"truncated?): {type(e).__name__}: {e}") from None
-    finally:
-        ckptr.close()
-    return jax.tree.map(np.asarray, dict(out[key])), step
+    with _QuietAbsl():
+        mngr = CheckpointManager(ckpt_dir, read_only=True)
+        try:
+            params = mngr.restore_subtree(step, key)
+        except KeyError as e:
+            raise WeightsError(f"{e.args[0]}; is it a diffusion train state?") from None
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+            raise WeightsError(f"checkpoint of step {step} in {ckpt_dir!r} cannot be read (corrupt or "
+                               f"truncated?): {type(e).__name__}: {e}") from None
+        finally:
+            mngr.close()
+    return jax.tree.map(np.asarray, dict(params)), step
 
 
 def _read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise WeightsError(f"training workdir {workdir!r} has no {CONFIG_FILE} (written by ldm_jax.train."
-                           f"diffusion.train when a run starts; this workdir predates it or was not "
-                           f"written by that trainer)")
+        raise WeightsError(f"training workdir {workdir!r} has no {CONFIG_FILE} (written by the training "
+                           f"loop when a run starts; this workdir predates it or was not written by ldm_jax)")
     try:
         with open(path, encoding="utf-8") as f:
             return ml_collections.ConfigDict(json.load(f))
@@ -226,7 +233,7 @@ def _read_frozen(workdir: str, key: str, shapes: Mapping) -> dict:
     if not os.path.isfile(path):
         why = (" (the run trained on precomputed latents, so the trainer had no VAE)" if key == "vae" else "")
         raise WeightsError(f"training workdir {workdir!r} has no frozen {key} params ({path!r} is missing"
-                           f"{why}); a workdir written by ldm_jax.train.diffusion.train holds them")
+                           f"{why}); a diffusion training workdir holds them")
     params = traverse_util.unflatten_dict(load_state_dict(path), sep="/")
     _check_tree(params, shapes, path)
     return params
@@ -237,7 +244,7 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     """A training workdir -> :class:`LoadedModel` (UNet of one checkpoint + frozen VAE and text encoder).
 
     Args:
-      path: the ``workdir`` given to :func:`ldm_jax.train.diffusion.train`.
+      path: the ``workdir`` of a diffusion training run.
       step: checkpoint step (default: the latest complete checkpoint).
       ema: the EMA UNet weights (default) or the raw trained ones (``False``).
       dtype: dtype of the returned floating params (default: as stored, float32).

@@ -1,0 +1,472 @@
+"""Latent diffusion training, as a task of the one training loop (:mod:`ldm_jax.train.loop`).
+
+One step (:func:`make_train_step`), all randomness from ``fold_in(state.rng, state.step)``, all
+diffusion math from :mod:`ldm_jax.diffusion.schedules`:
+
+  x0      = vae.encode(image).sample() * scaling_factor    (or precomputed ``batch["latents"]``;
+            cached posterior ``batch["moments"]`` of ``ldm-jax encode-dataset``: a fresh sample)
+  ids     = input_ids with each row replaced by the empty prompt with prob. ``text_dropout``
+  context = text_encoder(ids).context                        (frozen; or cached ``batch["context"]``
+            with the dropped rows replaced by the empty prompt's)
+  t ~ U{0..T-1}, eps ~ N(0, I), x_t = add_noise(x0, eps, t)
+  loss    = mean_b w_b * mean_{hwc} (unet(x_t, t, context) - training_target(x0, eps, t))^2,
+            w_b = 1 or min_snr_weights(t, gamma)
+  AdamW (warm-up, global-norm clip) on the UNet; EMA min(decay, (1+n)/(10+n)); a non-finite
+  loss or gradient leaves params/optimizer/EMA untouched and counts the step as skipped.
+
+The same random numbers are drawn for the global batch whatever the mesh
+(``jax_threefry_partitionable``), so sharded and single-device runs agree to float rounding.
+Entry point: :func:`train` (or ``ldm-jax train --config sd_v1_train``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from ldm_jax.data.batches import make_batches
+from ldm_jax.diffusion.samplers import get_sampler_from_config
+from ldm_jax.diffusion.sampling import denoise, guided
+from ldm_jax.diffusion.schedules import NoiseSchedule, add_noise, make_schedule, min_snr_weights, training_target
+from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from ldm_jax.models.clip_text import CLIPTextModel
+from ldm_jax.models.unet import UNet2DConditionModel
+from ldm_jax.train import loop, optim
+from ldm_jax.train import workdir as workdir_lib
+from ldm_jax.train.loop import Stage, stage_index
+from ldm_jax.train.writers import image_grid
+
+__all__ = [
+    "TrainState",
+    "DiffusionModels",
+    "DiffusionTask",
+    "Stage",
+    "build_models",
+    "prediction_type",
+    "noise_schedule",
+    "empty_prompt_ids",
+    "text_dropout",
+    "encode_conditioning",
+    "make_optimizer",
+    "make_train_step",
+    "create_train_state",
+    "make_sampler",
+    "get_stages",
+    "make_batch_source",
+    "setup",
+    "abstract_train_state",
+    "train",
+]
+
+Array = jax.Array
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the frozen encoders' params live in the aux)."""
+
+    step: Array  # int32 scalar: steps taken (batches consumed)
+    params: Any  # trainable UNet params (fp32 master copy)
+    ema_params: Any
+    opt_state: Any
+    rng: Array  # raw uint32 key; the key of step s is fold_in(rng, s)
+    stage: Array  # int32: progressive-resolution stage of the last step
+    skipped_steps: Array  # int32: non-finite steps skipped so far
+
+
+class DiffusionModels(NamedTuple):
+    unet: nn.Module
+    text_encoder: nn.Module
+    vae: nn.Module | None  # None when training on precomputed latents
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def _uses_latents(config) -> bool:
+    return config.data.source == "synthetic_latents"
+
+
+def build_models(config) -> DiffusionModels:
+    """UNet (trainable, ``config.train.compute_dtype``, ``remat``), frozen CLIP text encoder and VAE.
+
+    The VAE is skipped when ``config.data.source`` yields precomputed latents.
+    """
+    t = config.train
+    dtype = _DTYPES[t.compute_dtype]
+    unet = UNet2DConditionModel(**dict(config.unet), dtype=dtype, remat=bool(t.remat))
+    text = CLIPTextModel(**dict(config.text_encoder), dtype=dtype)
+    vae = None if _uses_latents(config) else AutoencoderKL(**dict(config.vae), dtype=dtype)
+    return DiffusionModels(unet, text, vae)
+
+
+def prediction_type(config) -> str:
+    """What the UNet learns to predict: ``config.train.prediction_type`` when set, else the scheduler's."""
+    prediction = config.train.prediction_type or dict(config.scheduler).get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction!r}")
+    return prediction
+
+
+def noise_schedule(config) -> NoiseSchedule:
+    """The diffusion process of ``config.scheduler``, predicting :func:`prediction_type`."""
+    return make_schedule(**dict(config.scheduler, prediction_type=prediction_type(config)))
+
+
+def empty_prompt_ids(config) -> np.ndarray:
+    """Token ids ``[77]`` of the empty prompt ``""`` (``[BOS, EOS, pad, ...]``).
+
+    From ``config.train.empty_prompt_ids`` if set, else the tokenizer ``config.tokenizer``, else
+    CLIP's layout from the vocabulary (BOS = vocab-2, EOS = pad = vocab-1).
+    """
+    explicit = config.train.empty_prompt_ids
+    if explicit is not None:
+        return np.asarray(explicit, np.int32)
+    length = _text_length(config)
+    if config.tokenizer:
+        from ldm_jax.models.tokenizer import PromptTokenizer
+
+        tok = PromptTokenizer.from_pretrained(config.tokenizer)
+        return np.asarray(tok([""]), np.int32).reshape(-1)[:length]
+    vocab = config.text_encoder.vocab_size
+    ids = np.full((length,), vocab - 1, np.int32)
+    ids[0] = vocab - 2
+    return ids
+
+
+def text_dropout(key: Array, input_ids: Array, empty_ids: Array, rate: float) -> tuple[Array, Array]:
+    """Replace each row of ``input_ids [B, L]`` by ``empty_ids [L]`` with probability ``rate``.
+
+    Returns ``(ids [B, L], dropped [B] bool)``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"text_dropout rate must be in [0, 1], got {rate}")
+    dropped = jax.random.bernoulli(key, rate, (input_ids.shape[0],))
+    ids = jnp.where(dropped[:, None], empty_ids[None, :].astype(input_ids.dtype), input_ids)
+    return ids, dropped
+
+
+def encode_conditioning(text_encoder: nn.Module, text_params: Any, key: Array, input_ids: Array,
+                        empty_ids: Array, rate: float) -> tuple[Array, Array]:
+    """Text dropout then the frozen text encoder: ``(context [B, L, D], dropped [B])``."""
+    ids, dropped = text_dropout(key, input_ids, empty_ids, rate)
+    out = text_encoder.apply({"params": text_params}, ids)
+    return jax.lax.stop_gradient(out.context), dropped
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW + warm-up (+ cosine decay over ``train.decay_steps`` updates when set) + clipping from
+    ``config.train`` and its learning-rate schedule."""
+    t = config.train
+    tx = optim.make_optimizer(t.lr, t.warmup_steps, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay,
+                              grad_clip_norm=t.grad_clip_norm, decay_steps=t.decay_steps)
+    return tx, optim.learning_rate_schedule(t.lr, t.warmup_steps, t.decay_steps)
+
+
+def get_stages(config) -> list[Stage]:
+    """``config.stages`` (list of dicts with ``resolution``, ``steps``, ``batch_size``)."""
+    stages = [Stage(int(s["resolution"]), int(s["steps"]), int(s["batch_size"])) for s in config.stages]
+    if not stages or any(s.steps <= 0 or s.batch_size <= 0 or s.resolution <= 0 for s in stages):
+        raise ValueError(f"config.stages needs >= 1 stage with positive resolution/steps/batch_size: {stages}")
+    return stages
+
+
+def _text_length(config) -> int:
+    """Tokens per prompt (the text encoder's positions; CLIP's 77 unless its config says otherwise)."""
+    return int(config.text_encoder.get("max_position_embeddings", 77))
+
+
+def _scaling_factor(config) -> float:
+    """The latents' scale (SD's 0.18215 unless the VAE config says otherwise)."""
+    return float(config.vae.get("scaling_factor", 0.18215))
+
+
+def _latent_factor(config) -> int:
+    return 2 ** (len(config.vae.block_out_channels) - 1)
+
+
+def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+    """Pure ``train_step(state, batch, frozen) -> (state, metrics)``.
+
+    ``batch``: ``image [B,H,W,3]`` in [-1, 1] (or ``latents [B,h,w,C]``, or cached VAE ``moments
+    [B,h,w,2C]``) and ``input_ids [B,77]`` (or cached text-encoder ``context [B,77,D]``).
+    ``frozen``: ``{"text": params, "vae": params or None, "empty_ids": int32 [77]}``.
+    ``metrics``: scalars ``loss, grad_norm, lr, ema_decay, skipped, skipped_steps, text_dropped``.
+    ``schedule``: the optimizer's learning-rate schedule (for the ``lr`` metric).
+    """
+    t = config.train
+    prediction_type(config)  # a bad one fails here, before tracing
+    gamma = float(t.min_snr_gamma)
+    accum = int(t.grad_accum_steps)
+    rate = float(t.text_dropout)
+    decay, ema_warmup = float(t.ema_decay), bool(t.ema_warmup)
+    stages = get_stages(config)
+    unet, text_encoder, vae = models
+    scale = _scaling_factor(config)
+
+    def loss_fn(params, x_t, timesteps, context, target, weights):
+        pred = unet.apply({"params": params}, x_t, timesteps, context).astype(jnp.float32)
+        per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+        return jnp.mean(weights * per_example)
+
+    def train_step(state: TrainState, batch: Mapping[str, Array], frozen: Mapping[str, Any]):
+        process = noise_schedule(config)  # its arrays are constants of this trace
+        key = jax.random.fold_in(state.rng, state.step)
+        k_drop, k_post, k_t, k_eps = jax.random.split(key, 4)
+        if "latents" in batch:
+            x0 = batch["latents"].astype(jnp.float32)
+        elif "moments" in batch:  # cached posterior (encode-dataset): the same draw as from "image"
+            x0 = DiagonalGaussian.from_moments(batch["moments"].astype(jnp.float32)).sample(k_post) * scale
+        else:
+            if vae is None:
+                raise ValueError("batch has no 'latents' and no VAE was given to encode 'image'")
+            posterior = vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+            x0 = posterior.sample(k_post).astype(jnp.float32) * scale
+        x0 = jax.lax.stop_gradient(x0)
+        b = x0.shape[0]
+        if "context" in batch:  # cached conditioning: dropped rows get the empty prompt's
+            dropped = jax.random.bernoulli(k_drop, rate, (b,))  # the draw of text_dropout
+            empty = text_encoder.apply({"params": frozen["text"]}, frozen["empty_ids"][None]).context
+            context = jnp.where(dropped[:, None, None], empty.astype(jnp.float32), batch["context"].astype(jnp.float32))
+            context = jax.lax.stop_gradient(context)
+        else:
+            context, dropped = encode_conditioning(text_encoder, frozen["text"], k_drop, batch["input_ids"],
+                                                   frozen["empty_ids"], rate)
+        timesteps = jax.random.randint(k_t, (b,), 0, process.num_train_timesteps)
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        x_t = add_noise(process, x0, eps, timesteps)
+        target = training_target(process, x0, eps, timesteps)
+        weights = min_snr_weights(process, timesteps, gamma)
+
+        inputs = (x_t, timesteps, context.astype(unet.dtype), target, weights)
+        if accum == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, *inputs)
+        else:
+            if b % accum:
+                raise ValueError(f"batch {b} is not divisible by grad_accum_steps {accum}")
+            # Row i*accum + a goes to micro-batch a: each device keeps its rows (no resharding).
+            micro = jax.tree.map(lambda x: x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1), inputs)
+
+            def body(carry, mb):
+                l, g = jax.value_and_grad(loss_fn)(state.params, *mb)
+                return jax.tree.map(jnp.add, carry, (l, g)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        num_updates = state.step - state.skipped_steps + 1
+        d = optim.ema_decay(num_updates, decay, ema_warmup)
+        new_ema = optim.ema_update(state.ema_params, new_params, d)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        skipped = state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            ema_params=keep(new_ema, state.ema_params),
+            opt_state=keep(new_opt, state.opt_state),
+            stage=stage_index(stages, state.step),
+            skipped_steps=skipped,
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step - state.skipped_steps),
+            "ema_decay": d,
+            "skipped": (~finite).astype(jnp.int32),
+            "skipped_steps": skipped,
+            "text_dropped": jnp.mean(dropped.astype(jnp.float32)),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def create_train_state(config, models: DiffusionModels, key: Array, latent_shape: tuple[int, ...],
+                       tx: optax.GradientTransformation, image_shape: tuple[int, ...] | None = None
+                       ) -> tuple[TrainState, dict]:
+    """Fresh ``(state, frozen)``: random UNet (EMA = copy), random frozen encoders, empty-prompt ids.
+
+    Pretrained frozen encoders replace ``frozen["text"]`` / ``frozen["vae"]`` (see :func:`train`).
+    Jit it with ``out_shardings`` to create the params directly sharded.
+    """
+    k_unet, k_text, k_vae, k_rng = jax.random.split(key, 4)
+    unet, text_encoder, vae = models
+    b = latent_shape[0]
+    ctx_dim = config.text_encoder.hidden_size
+    ids = jnp.zeros((b, _text_length(config)), jnp.int32)
+    params = unet.init(k_unet, jnp.zeros(latent_shape, jnp.float32), jnp.zeros((b,), jnp.int32),
+                       jnp.zeros((b, ids.shape[1], ctx_dim), jnp.float32))["params"]
+    frozen = {"text": text_encoder.init(k_text, ids)["params"],
+              # encoder and decoder (the decoder renders the previews)
+              "vae": None if vae is None else vae.init(k_vae, jnp.zeros(image_shape, jnp.float32))["params"],
+              "empty_ids": jnp.asarray(empty_prompt_ids(config))}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                       rng=k_rng, stage=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+    return state, frozen
+
+
+def make_sampler(config, models: DiffusionModels, num_steps: int = 20, guidance_scale: float = 5.0) -> Callable:
+    """``sample(ema_params, frozen, key, input_ids [N,77], latent_shape) -> images [N,H,W,3]`` in [-1, 1].
+
+    The pipeline's denoising loop (:func:`ldm_jax.diffusion.denoise`, :func:`~ldm_jax.diffusion.guided`)
+    with deterministic DDIM and the empty prompt as the negative, for the training previews; decodes
+    with the VAE (latent channels 0..2 without one).
+    """
+    scheduler = dict(config.scheduler, prediction_type=prediction_type(config))
+    sampler = get_sampler_from_config("ddim", scheduler, num_steps)
+    unet, text_encoder, vae = models
+    scale = _scaling_factor(config)
+
+    def sample(ema_params, frozen, key, input_ids, latent_shape):
+        n = input_ids.shape[0]
+        # one (empty prompt, prompt) context pair per sample: the UNet runs its first layers once per sample
+        ids = jnp.stack([jnp.broadcast_to(frozen["empty_ids"], input_ids.shape), input_ids], axis=1)
+        context = text_encoder.apply({"params": frozen["text"]}, ids.reshape(2 * n, -1)).context
+        x = jax.random.normal(key, (n,) + tuple(latent_shape), jnp.float32) * sampler.init_noise_sigma
+        apply = lambda x_in, t: unet.apply({"params": ema_params}, x_in, t, context).astype(jnp.float32)  # noqa: E731
+        x = denoise(sampler, guided(apply, guidance_scale), x)
+        if vae is None:
+            return jnp.clip(x[..., :3], -1, 1)
+        return jnp.clip(vae.apply({"params": frozen["vae"]}, x / scale, method="decode"), -1, 1)
+
+    return sample
+
+
+def make_batch_source(config, stage: Stage, rows: tuple[int, int], workdir: str | None = None) -> Iterator[dict]:
+    """This process's rows ``[start, stop)`` of each global batch of ``stage``
+    (:func:`ldm_jax.data.batches.make_batches` of ``config.data``; captions tokenized with
+    ``config.tokenizer``)."""
+    tokenizer = None
+    if config.tokenizer and not (config.data.cached_latents or config.data.source in ("synthetic", "synthetic_latents")):
+        from ldm_jax.models.tokenizer import PromptTokenizer
+
+        tokenizer = PromptTokenizer.from_pretrained(config.tokenizer)
+    return make_batches(config.data, global_batch_size=stage.batch_size, image_size=stage.resolution, rows=rows,
+                        tokenizer=tokenizer, text_length=_text_length(config),
+                        vocab_size=config.text_encoder.vocab_size, latent_channels=config.unet.in_channels,
+                        workdir=workdir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+
+
+class DiffusionTask(loop.Task):
+    """The text-conditioned UNet trained on latents of frozen encoders.
+
+    Args:
+      config: a diffusion training config (``sd_v1_train``).
+      frozen: pretrained frozen ``{"text": params, "vae": params}``; random when omitted (tests).
+      models: prebuilt :class:`DiffusionModels` (default :func:`build_models`).
+      batch_source_fn: ``(config, stage, rows) -> iterator`` (default :func:`make_batch_source`).
+    """
+
+    name = "diffusion"
+
+    def __init__(self, config, *, frozen: dict | None = None, models: DiffusionModels | None = None,
+                 batch_source_fn: Callable[[Any, Stage, tuple[int, int]], Iterator] | None = None):
+        super().__init__(config)
+        self.frozen, self.batch_source_fn = frozen, batch_source_fn
+        self.models = models or build_models(config)
+        self._models_given = models is not None
+        self.tx, self.lr_schedule = make_optimizer(config)
+        self._step = make_train_step(config, self.models, self.tx, self.lr_schedule)
+        self._preview = None
+
+    def stages(self) -> list[Stage]:
+        return get_stages(self.config)
+
+    def cache_key(self):
+        key = super().cache_key()
+        return (key, self.models) if self._models_given else key
+
+    def init(self, key):
+        stage0 = self.stages()[0]
+        c = self.config
+        side = stage0.resolution if _uses_latents(c) else stage0.resolution // _latent_factor(c)
+        latent_shape = (1, side, side, c.unet.in_channels)
+        image_shape = (1, stage0.resolution, stage0.resolution, c.vae.in_channels)
+        return create_train_state(c, self.models, key, latent_shape, self.tx, image_shape)
+
+    def step(self, state, batch, aux):
+        return self._step(state, batch, aux)
+
+    def prepare_aux(self, aux, shardings):
+        if self.frozen is None:
+            return aux
+        merged = dict(aux)
+        merged.update({k: v for k, v in self.frozen.items() if v is not None})
+        return jax.device_put(merged, shardings)
+
+    def batches(self, stage, rows, workdir):
+        if self.batch_source_fn is not None:
+            return self.batch_source_fn(self.config, stage, rows)
+        return make_batch_source(self.config, stage, rows, workdir)
+
+    def write_workdir(self, workdir, aux):
+        # frozen encoders and tokenizer: the workdir becomes a model source (load_model(workdir))
+        workdir_lib.write_frozen(workdir, self.config, aux)
+
+    def preview(self, state, aux, batch):
+        t, c = self.config.train, self.config
+        if self._preview is None:
+            from ldm_jax.train.sharding import replicated
+
+            self._preview = jax.jit(make_sampler(c, self.models, int(t.preview_steps), float(t.preview_guidance)),
+                                    static_argnums=4, out_shardings=replicated(batch["input_ids"].sharding.mesh))
+        kind = next(k for k in ("latents", "moments", "image") if k in batch)
+        shape = batch[kind].shape[1:]
+        if kind != "latents":
+            f = _latent_factor(c) if kind == "image" else 1
+            shape = (shape[0] // f, shape[1] // f, c.unet.in_channels)
+        n = min(int(t.preview_count), batch[kind].shape[0])
+        images = self._preview(state.ema_params, aux, jax.random.PRNGKey(int(t.seed)), batch["input_ids"][:n],
+                               tuple(shape))
+        return {"samples/ema": image_grid(np.asarray(jax.device_get(images)))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def setup(config, mesh: Mesh, models: DiffusionModels | None = None, frozen: dict | None = None) -> loop.Setup:
+    """The sharded initial state (seed ``config.train.seed``), the frozen aux and the jitted step on
+    ``mesh`` (:func:`ldm_jax.train.loop.setup`); compiled once per process for a configuration."""
+    return loop.setup(DiffusionTask(config, models=models, frozen=frozen), mesh)
+
+
+def abstract_train_state(config, mesh: Mesh, models: DiffusionModels | None = None) -> TrainState:
+    """The :class:`TrainState` of :func:`setup` as ``ShapeDtypeStruct`` leaves with their shardings on
+    ``mesh`` (e.g. to restore a checkpoint onto another mesh), without creating anything."""
+    return loop.abstract_state(DiffusionTask(config, models=models), mesh)
+
+
+def train(config, workdir: str, *, frozen: dict | None = None, models: DiffusionModels | None = None,
+          batch_source_fn: Callable[[Any, Stage, tuple[int, int]], Iterator] | None = None,
+          devices=None) -> tuple[TrainState, list[dict]]:
+    """Train the diffusion UNet through ``config.stages`` with the one training loop; resumes from
+    ``workdir``. The workdir becomes a model source (``load_model(workdir)``,
+    ``StableDiffusionPipeline.from_pretrained(workdir)``): :mod:`ldm_jax.train.workdir`.
+
+    See :class:`DiffusionTask` for ``frozen``, ``models``, ``batch_source_fn``; ``devices``: the
+    mesh's devices (default all). Returns the final state and the metrics history.
+    """
+    return loop.train(DiffusionTask(config, frozen=frozen, models=models, batch_source_fn=batch_source_fn),
+                      workdir, devices=devices)
+
+Task = DiffusionTask
