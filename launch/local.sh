@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train with N jax.distributed processes on this machine (coordinator on 127.0.0.1).
 #
-#   launch/local.sh --nproc 2 --config configs/tiny_train.py --workdir runs/local [--config.x=y ...]
+#   launch/local.sh --nproc 2 --config tiny_train --workdir runs/local [--config.x=y ...]
 #
 # Process i runs
 #   python -m ldm_jax.train.distributed --coordinator 127.0.0.1:PORT --num-processes N --process-id i \
@@ -11,7 +11,7 @@
 #
 # Options:
 #   --nproc N               processes (default 2)
-#   --config FILE           training config (required)
+#   --config NAME           a packaged recipe or a config file (required)
 #   --workdir DIR           shared by all processes (required)
 #   --port P                coordinator port (default 12355)
 #   --gpus-per-process K    give process i the GPUs i*K .. i*K+K-1 (CUDA_VISIBLE_DEVICES); default:
@@ -21,7 +21,7 @@
 # Environment: PYTHON (default python3) runs ldm_jax. Needs bash >= 4.4.
 set -euo pipefail
 
-USAGE="usage: launch/local.sh [--nproc N] --config FILE --workdir DIR [--port P] [--gpus-per-process K] [--dry-run] [--config.a.b=v ...]"
+USAGE="usage: launch/local.sh [--nproc N] --config NAME --workdir DIR [--port P] [--gpus-per-process K] [--dry-run] [--config.a.b=v ...]"
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, quote, parse_options
 

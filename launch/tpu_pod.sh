@@ -18,7 +18,7 @@
 #   --project PROJECT         default: gcloud's configured project
 #   --accelerator-type TYPE   default v4-32 (4 hosts x 4 chips)
 #   --version VERSION         TPU software version, default tpu-ubuntu2204-base
-#   --config FILE             training config, relative to the repo (default configs/sd_v1_train.py)
+#   --config NAME             a packaged recipe or a config file relative to the repo (default sd_v1_train)
 #   --workdir DIR             run directory every worker sees under the same path, e.g. gs://bucket/run
 #                             (required by up/train)
 #   --repo URL                git clone URL instead of copying this checkout; --branch BRANCH (default main)
@@ -28,12 +28,12 @@
 set -euo pipefail
 
 USAGE="usage: launch/tpu_pod.sh [up|create|install|train|logs|stop|delete] --name NAME --zone ZONE [--project P]
-       [--accelerator-type v4-32] [--version V] [--config FILE] [--workdir gs://...] [--repo URL] [--dry-run] [--config.a.b=v ...]"
+       [--accelerator-type v4-32] [--version V] [--config NAME] [--workdir gs://...] [--repo URL] [--dry-run] [--config.a.b=v ...]"
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, quote, run, parse_options
 
 ACTION="" NAME="" ZONE="" PROJECT="" ACCELERATOR=v4-32 VERSION=tpu-ubuntu2204-base
-CONFIG=configs/sd_v1_train.py WORKDIR="" REPO="" BRANCH=main DRY_RUN=0 OVERRIDES=()
+CONFIG=sd_v1_train WORKDIR="" REPO="" BRANCH=main DRY_RUN=0 OVERRIDES=()
 declare -A VALUE_OPTIONS=([--name]=NAME [--zone]=ZONE [--project]=PROJECT [--accelerator-type]=ACCELERATOR
                           [--version]=VERSION [--config]=CONFIG [--workdir]=WORKDIR [--repo]=REPO [--branch]=BRANCH)
 positional_arg() {

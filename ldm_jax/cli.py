@@ -1,8 +1,11 @@
 """``ldm-jax`` command line: a thin layer over the Python API.
 
-Commands: sample, train, train-autoencoder, convert, encode-dataset, eval, bench {sample,train,data}, demo.
-Config overrides follow big_vision: ``ldm-jax train --config configs/tiny_train.py --workdir w
---config.train.lr=1e-4``.
+Commands: sample, train, convert, encode-dataset, eval, bench {sample,train,data}, demo.
+Config overrides follow big_vision: ``ldm-jax train --config tiny_train --workdir w --config.train.lr=1e-4``
+(a packaged recipe by name, or a config file by path).
+
+As an entry point it opts into the process-level settings of :mod:`ldm_jax.runtime`: the
+persistent compilation cache and, on the CPU backend only, the CPU tuning.
 """
 from __future__ import annotations
 
@@ -49,16 +52,9 @@ def cmd_sample(args) -> None:
 
 def cmd_train(args, overrides) -> None:
     from ldm_jax.config_utils import load_config
-    from ldm_jax.train.diffusion import train
+    from ldm_jax.train import train
 
     train(load_config(args.config, overrides), args.workdir)
-
-
-def cmd_train_autoencoder(args, overrides) -> None:
-    from ldm_jax.config_utils import load_config
-    from ldm_jax.train.vae_trainer import train_autoencoder
-
-    train_autoencoder(load_config(args.config, overrides), args.workdir)
 
 
 def cmd_convert(args) -> None:
@@ -69,7 +65,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_encode_dataset(args) -> None:
-    from ldm_jax.data.latents import encode_dataset_with_model
+    from ldm_jax.train.encode import encode_dataset_with_model
 
     meta = encode_dataset_with_model(args.model, args.source, args.out, image_size=args.image_size,
                                      batch_size=args.batch_size, split=args.split, shard_size=args.shard_size,
@@ -78,15 +74,15 @@ def cmd_encode_dataset(args) -> None:
 
 
 def cmd_bench(args, overrides) -> None:
-    from ldm_jax import bench
+    from ldm_jax import benchmarks
 
-    fn = {"sample": bench.bench_sample, "train": bench.bench_train, "data": bench.bench_data}[args.what]
+    fn = {"sample": benchmarks.bench_sample, "train": benchmarks.bench_train, "data": benchmarks.bench_data}[args.what]
     _print_json(fn(config=args.config, overrides=overrides, batch=args.batch, steps=args.steps,
                    peer=not args.no_peer))
 
 
 def cmd_demo(args, overrides) -> None:
-    from ldm_jax.demo import run_demo
+    from ldm_jax.examples.shapes_demo import run_demo
 
     run_demo(out_dir=args.out, config_path=args.config, overrides=overrides, rebuild=args.rebuild)
 
@@ -131,11 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_args(s)
     s.add_argument("--out", required=True)
 
-    for name, help_ in (("train", "train the latent diffusion model"),
-                        ("train-autoencoder", "train the KL/VQ autoencoder")):
-        t = sub.add_parser(name, help=help_)
-        t.add_argument("--config", required=True, help="configs/X.py[:arg]")
-        t.add_argument("--workdir", required=True)
+    t = sub.add_parser("train", help="train the task of a config (diffusion UNet, KL/VQ autoencoder)")
+    t.add_argument("--config", required=True, help="a packaged recipe (sd_v1_train, sd_autoencoder, tiny_train, ...) "
+                   "or a config file, optionally NAME:ARG")
+    t.add_argument("--workdir", required=True)
 
     c = sub.add_parser("convert", help="single-file SD checkpoint, training workdir (any loadable model) "
                                        "-> diffusers folder")
@@ -197,12 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
-    if overrides and args.command not in ("train", "train-autoencoder", "bench", "demo"):
+    if overrides and args.command not in ("train", "bench", "demo"):
         raise SystemExit(f"--config.* overrides are not accepted by `{args.command}`")
     handlers = {
         "sample": lambda: cmd_sample(args),
         "train": lambda: cmd_train(args, overrides),
-        "train-autoencoder": lambda: cmd_train_autoencoder(args, overrides),
         "convert": lambda: cmd_convert(args),
         "bench": lambda: cmd_bench(args, overrides),
         "demo": lambda: cmd_demo(args, overrides),
@@ -214,13 +208,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``ldm-jax`` console entry point: :func:`main` in a process started with glibc's huge-page
-    malloc (1.3-1.5x faster CPU training steps; see :mod:`ldm_jax.malloc_env`)."""
-    from ldm_jax.malloc_env import reexec_with_hugepage_malloc
+    """The ``ldm-jax`` console entry point: on the CPU backend, re-executes itself under the CPU
+    malloc settings and enables the CPU tuning; on every backend, the persistent compilation cache;
+    then :func:`main`."""
+    from ldm_jax import runtime
 
-    reexec_with_hugepage_malloc("ldm_jax.cli", sys.argv[1:])
+    backend = runtime.backend_name()
+    runtime.reexec_with_cpu_tuning("ldm_jax.cli", sys.argv[1:], backend)
+    runtime.enable_cpu_tuning(backend)
+    runtime.enable_compilation_cache()
     sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

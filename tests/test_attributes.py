@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.data.shapes import make_example
-from ldm_jax.eval.attributes import (AttributeClassifier, attribute_accuracy, labels_from_examples,
+from ldm_jax.examples.shapes_demo.attributes import (AttributeClassifier, attribute_accuracy, labels_from_examples,
                                      train_attribute_classifier)
 
 
@@ -14,7 +14,7 @@ def classifier():
     return train_attribute_classifier(32, seed=0, num_images=3000, steps=600, shape_scale=SCALE, progress=False)
 
 
-SCALE = 1.15  # configs/demo.py's data.shape_scale
+SCALE = 1.15  # the shapes demo's data.shape_scale
 
 
 def _examples(split, n=200):

@@ -1,11 +1,12 @@
-"""``ldm_jax.bench``: the sample benchmark (ours vs diffusers' PyTorch) and the ``bench data`` CLI."""
+"""``ldm_jax.benchmarks``: the sample benchmark (ours vs diffusers' PyTorch) and the ``bench data`` CLI."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from ldm_jax import bench, cli
+from ldm_jax import benchmarks as bench, cli
+from ldm_jax.benchmarks import sample as bench_sample_module
 
 
 def _positive(x):
@@ -73,8 +74,8 @@ def test_bench_sample_alternates_sides_and_reports_every_sample(monkeypatch, tmp
                 np.save(args["images_out"], np.full((1, 2, 2, 3), 0.5, np.float32))
         return out
 
-    monkeypatch.setattr(bench, "_run_worker", fake_worker)
-    monkeypatch.setattr(bench, "_torch_available", lambda: None)
+    monkeypatch.setattr(bench_sample_module, "_run_worker", fake_worker)
+    monkeypatch.setattr(bench_sample_module, "torch_available", lambda: None)
     folder = tmp_path / "model"
     for sub, cfg in (("unet", {"sample_size": 8}), ("vae", {"block_out_channels": [8, 8], "latent_channels": 4})):
         (folder / sub).mkdir(parents=True)

@@ -4,7 +4,7 @@ import os
 
 
 def test_demo_end_to_end_tiny(tmp_path):
-    from ldm_jax.demo import run_demo
+    from ldm_jax.examples.shapes_demo import run_demo
 
     out = str(tmp_path / "demo")
     overrides = ["--config.autoencoder.steps=20", "--config.diffusion.steps=30", "--config.diffusion.warmup_steps=3",
@@ -41,12 +41,12 @@ def test_demo_diffusion_config_reaches_the_trainer(tmp_path):
     """The demo's scheduler prediction type and text dropout are what the trainer reads
     (``config.train``), so training and the demo's sampling agree."""
     from ldm_jax.config_utils import load_config
-    from ldm_jax.demo import _CONFIG, diffusion_train_config
+    from ldm_jax.examples.shapes_demo.demo import CONFIG, diffusion_train_config
     from ldm_jax.models.tokenizer import PromptTokenizer
     from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
 
     tok = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(str(tmp_path / "tok")))
-    cfg = load_config(_CONFIG, ["--config.scheduler.prediction_type=v_prediction",
+    cfg = load_config(CONFIG, ["--config.scheduler.prediction_type=v_prediction",
                                 "--config.diffusion.text_dropout=0.25"])
     tcfg = diffusion_train_config(cfg, tok, str(tmp_path))
     assert tcfg.train.prediction_type == tcfg.scheduler.prediction_type == "v_prediction"
@@ -54,20 +54,24 @@ def test_demo_diffusion_config_reaches_the_trainer(tmp_path):
     assert tcfg.train.min_snr_gamma == cfg.diffusion.min_snr_gamma
     assert tcfg.stages[0]["steps"] == cfg.diffusion.steps and tcfg.train.decay_steps == cfg.diffusion.steps
     # the autoencoder stage trains on the demo's scenes (one shape, drawn at shape_scale), not the defaults'
-    from ldm_jax.demo import autoencoder_train_config
-    from ldm_jax.train.vae_trainer import make_source
+    from ldm_jax.data import make_source
+    from ldm_jax.examples.shapes_demo.demo import autoencoder_train_config
+    from ldm_jax.runtime import ynn_options
+    from ldm_jax.train import loop
 
     ae = autoencoder_train_config(cfg, str(tmp_path))
+    assert ae.task == "autoencoder" and tcfg.task == "diffusion"
     assert ae.train.num_steps == cfg.autoencoder.steps and ae.train.batch_size == cfg.autoencoder.batch_size
     assert (ae.data.max_shapes, ae.data.shape_scale, ae.data.image_size) == (1, cfg.data.shape_scale, 32)
-    # YNNPACK fusions on CPU, through the trainer's own setting (as the diffusion stage's)
-    from ldm_jax import xla_cpu
-
-    assert ae.train.ynn_fusions == ",".join(cfg.autoencoder.ynn_fusions)
-    assert xla_cpu.train_compiler_options(ae.train, "cpu") == xla_cpu.compiler_options(cfg.autoencoder.ynn_fusions, "cpu")
-    assert xla_cpu.train_compiler_options(ae.train, "cpu")
+    # each stage's YNNPACK fusions reach its trainer through the one compiler-options setting
+    assert loop.compiler_options(ae, "cpu") == ynn_options(cfg.autoencoder.ynn_fusions, "cpu")
+    assert loop.compiler_options(ae, "cpu")
+    assert tcfg.train.compiler_options == {} and loop.compiler_options(tcfg, "cpu") is None  # XLA's defaults
     ae.data.update(num_train=8, num_validation=2, num_heldout=2)
-    assert "s32_n8-2-2_seed0_max1_scale1.15" in repr(make_source(ae, str(tmp_path)))  # the dataset it builds
+    assert "s32_n8-2-2_seed0_max1_scale1.15" in repr(make_source(ae.data, ae.data.image_size, workdir=str(tmp_path)))
+    # the diffusion stage reads the same scenes when it does not use cached latents
+    tcfg.data.update(num_train=8, num_validation=2, num_heldout=2)
+    assert "s32_n8-2-2_seed0_max1_scale1.15" in repr(make_source(tcfg.data, 32))
 
 
 def test_demo_latent_cache_follows_the_encoders(tmp_path):
@@ -80,14 +84,14 @@ def test_demo_latent_cache_follows_the_encoders(tmp_path):
 
     from ldm_jax.config_utils import load_config
     from ldm_jax.data.latents import CachedLatentsSource
-    from ldm_jax.demo import _CONFIG, _cache_latents, caption_words
+    from ldm_jax.examples.shapes_demo.demo import CONFIG, _cache_latents, caption_words
     from ldm_jax.models.autoencoder import AutoencoderKL
     from ldm_jax.models.clip_text import CLIPTextModel
     from ldm_jax.models.tokenizer import PromptTokenizer
     from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
 
     out = str(tmp_path)
-    cfg = load_config(_CONFIG, ["--config.data.num_train=40", "--config.data.num_validation=4",
+    cfg = load_config(CONFIG, ["--config.data.num_train=40", "--config.data.num_validation=4",
                                 "--config.data.num_heldout=4"])
     tok = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(os.path.join(out, "tokenizer"),
                                                                     words=caption_words(cfg, 200)))
@@ -113,7 +117,7 @@ def test_demo_latent_cache_follows_the_encoders(tmp_path):
     again = np.stack([src[i]["moments"] for i in range(4)])
     assert not np.allclose(again, first)  # re-encoded with the new autoencoder
     # and the record is that autoencoder's posterior of that caption's image (mean, then logvar)
-    from ldm_jax.demo import _examples
+    from ldm_jax.examples.shapes_demo.demo import _examples
 
     by_caption = {ex["caption"]: ex["image"] for ex in _examples(cfg, "train", 40)}
     rec = src[3]

@@ -77,7 +77,7 @@ def test_common_helpers_parse_and_are_sourced_not_run():
 
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 TPU_ARGS = ["--name", "pod-1", "--zone", "us-central2-b", "--project", "my-proj", "--accelerator-type", "v4-64",
-            "--config", "configs/tiny_train.py", "--workdir", "gs://bucket/runs/a"]
+            "--config", "tiny_train", "--workdir", "gs://bucket/runs/a"]
 OVERRIDES = ["--config.train.lr=1e-4", "--config.stages=[{'resolution': 16, 'steps': 2, 'batch_size': 4}]"]
 
 
@@ -99,7 +99,7 @@ def test_tpu_pod_dry_run_up_prints_every_step():
     assert "tar -xzf ~/ldm_jax_src.tgz -C ~/ldm_jax" in install[-1]
     assert train[:-1] == TPU + ["ssh", "pod-1"] + where + ["--worker=all", "--command"]
     remote = shlex.split(train[-1].split("nohup ", 1)[1].split(" > ")[0])
-    assert remote == ["ldm-jax", "train", "--config", "configs/tiny_train.py", "--workdir", "gs://bucket/runs/a",
+    assert remote == ["ldm-jax", "train", "--config", "tiny_train", "--workdir", "gs://bucket/runs/a",
                       "--config.distributed.enabled=True"] + OVERRIDES
     assert train[-1].startswith("cd ~/ldm_jax && ") and "> ~/ldm_jax_train.log 2>&1" in train[-1]
     assert logs == TPU + ["ssh", "pod-1"] + where + ["--worker=0", "--command", "tail -n +1 -F ~/ldm_jax_train.log"]
@@ -163,12 +163,12 @@ def test_slurm_dry_run_prints_srun_matching_the_headers():
     assert h["ntasks-per-node"] == h["gpus-per-node"], "one task per GPU"
     for how in (["--dry-run"], []):
         env = {} if how else {"DRY_RUN": "1"}
-        (cmd,) = lines(sh("launch/slurm_gpu.sbatch", *how, "--config", "configs/sd_v1_train.py",
+        (cmd,) = lines(sh("launch/slurm_gpu.sbatch", *how, "--config", "sd_v1_train",
                           "--workdir=/shared/run 1", *OVERRIDES, env=env))
         assert cmd == ["srun", f"--nodes={h['nodes']}", f"--ntasks-per-node={h['ntasks-per-node']}",
                        f"--gpus-per-node={h['gpus-per-node']}", f"--cpus-per-task={h['cpus-per-task']}",
                        "--gpu-bind=none", "--kill-on-bad-exit=1", "ldm-jax", "train",
-                       "--config", "configs/sd_v1_train.py", "--workdir", "/shared/run 1",
+                       "--config", "sd_v1_train", "--workdir", "/shared/run 1",
                        "--config.distributed.enabled=True"] + OVERRIDES
 
 
@@ -182,7 +182,7 @@ def test_slurm_sizes_follow_the_job(tmp_path):
 
 def test_slurm_runs_srun_inside_a_job_and_refuses_outside(tmp_path):
     env, log = fake_tool(tmp_path, "srun")
-    args = ["--config", "configs/tiny_train.py", "--workdir", str(tmp_path / "w")]
+    args = ["--config", "tiny_train", "--workdir", str(tmp_path / "w")]
     out = sh("launch/slurm_gpu.sbatch", *args, env=env, check=False)
     assert out.returncode != 0 and "not inside a SLURM job" in out.stderr and not calls(log)
     job = dict(env, SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4")
@@ -205,7 +205,7 @@ def test_slurm_rejects_bad_arguments(args, message):
 # ---------------------------------------------------------------------------------------------- local
 
 def test_local_dry_run_prints_one_command_per_process():
-    out = sh("launch/local.sh", "--dry-run", "--nproc", "3", "--port=23456", "--config", "configs/tiny_train.py",
+    out = sh("launch/local.sh", "--dry-run", "--nproc", "3", "--port=23456", "--config", "tiny_train",
              "--workdir", "runs/a b", *OVERRIDES, env={"PYTHON": "/venv/bin/python"})
     text = out.stdout.strip().splitlines()
     assert len(text) == 3
@@ -215,7 +215,7 @@ def test_local_dry_run_prints_one_command_per_process():
             assert cmd[-3:] == [">", f"runs/a b/logs/process_{i}.log", "2>&1"]
             cmd = cmd[:-3]
         assert cmd == ["/venv/bin/python", "-m", "ldm_jax.train.distributed", "--coordinator", "127.0.0.1:23456",
-                       "--num-processes", "3", "--process-id", str(i), "train", "--config", "configs/tiny_train.py",
+                       "--num-processes", "3", "--process-id", str(i), "train", "--config", "tiny_train",
                        "--workdir", "runs/a b"] + OVERRIDES
 
 
@@ -246,7 +246,7 @@ def test_local_starts_every_process_and_propagates_failure(tmp_path):
     env, log = fake_tool(tmp_path, "python", 'sys.exit(int(os.environ.get("FAKE_FAIL_ID", "-1") == '
                                              'sys.argv[sys.argv.index("--process-id") + 1]) * 3)\n')
     env["PYTHON"] = "python"
-    args = ["--nproc", "3", "--config", "configs/tiny_train.py", "--workdir", str(tmp_path / "w"),
+    args = ["--nproc", "3", "--config", "tiny_train", "--workdir", str(tmp_path / "w"),
             "--gpus-per-process", "1", "--config.train.lr=1e-4"]
     dry = [shlex.split(line) for line in sh("launch/local.sh", "--dry-run", *args, env=env).stdout.splitlines()]
     sh("launch/local.sh", *args, env=env)
@@ -276,7 +276,7 @@ def _equals_form(args, every=1):
 
 @pytest.mark.parametrize("script, args", [
     ("launch/local.sh", ["--nproc", "3", "--port", "23456", "--gpus-per-process", "1",
-                         "--config", "configs/tiny_train.py", "--workdir", "runs/a=b c"]),
+                         "--config", "tiny_train", "--workdir", "runs/a=b c"]),
     ("launch/tpu_pod.sh", ["up", *TPU_ARGS, "--repo", "https://example.com/x.git?a=b", "--branch", "dev"]),
 ])
 def test_option_equals_value_gives_the_same_command(script, args):

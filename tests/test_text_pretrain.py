@@ -1,4 +1,4 @@
-"""Text-encoder pretraining on labelled captions (ldm_jax.train.text_encoder): after it, a linear
+"""Text-encoder pretraining on labelled captions (ldm_jax.examples.shapes_demo.text_pretrain): after it, a linear
 probe fitted on training captions reads the attributes of captions with *held-out* (shape, colour)
 pairs far better than from the random encoder it started from."""
 import jax
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from ldm_jax.data.shapes import make_example
-from ldm_jax.eval.attributes import labels_from_examples
+from ldm_jax.examples.shapes_demo.attributes import labels_from_examples
 from ldm_jax.models.clip_text import CLIPTextModel
 from ldm_jax.models.tokenizer import PromptTokenizer
 from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
-from ldm_jax.train.text_encoder import _tail_mask, pooled_features, pretrain_text_encoder, probe_accuracy
+from ldm_jax.examples.shapes_demo.text_pretrain import _tail_mask, pooled_features, pretrain_text_encoder, probe_accuracy
 
 
 @pytest.fixture(scope="module")

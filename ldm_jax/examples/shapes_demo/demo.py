@@ -1,5 +1,8 @@
 """The end-to-end demo behind ``make demo``: a text-to-image model trained from nothing on CPU.
 
+Built on the library's public API only (the one training loop with its diffusion and autoencoder
+tasks, the data sources, the pipeline); the library never imports it.
+
 Stages (each reused on a re-run unless ``rebuild``): build ``shapes_captions`` -> train the tiny KL
 autoencoder on it -> pretrain the tiny CLIP text encoder on the training captions' labels (then
 frozen) -> train the tiny text-conditioned latent diffusion model (10% text dropout) -> sample seen
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 
 
 def _train_source(cfg, out_dir):
@@ -29,38 +32,31 @@ def _train_source(cfg, out_dir):
                          **_scene_options(cfg))
 
 
-def _data_iterator(cfg, tokenizer, batch_size, seed, out_dir):
-    from ldm_jax.data import make_iterator
+def compiler_options(stage_cfg) -> dict:
+    """A demo stage's XLA options: its ``ynn_fusions`` on the CPU (:func:`ldm_jax.runtime.ynn_options`);
+    ``{}`` (XLA's defaults) for none or on another backend."""
+    from ldm_jax.runtime import ynn_options
 
-    return make_iterator(_train_source(cfg, out_dir), global_batch_size=batch_size, image_size=cfg.data.image_size,
-                         tokenizer=tokenizer, seed=seed, shuffle=True, random_flip=False, num_threads=2)
-
-
-def _ynn_fusions(stage_cfg) -> str:
-    """A demo stage's ``ynn_fusions`` (tuple or comma string) as a trainer's ``config.train.ynn_fusions``;
-    empty: XLA's defaults."""
-    fusions = stage_cfg.get("ynn_fusions", ())
-    return fusions if isinstance(fusions, str) else ",".join(fusions)
+    return ynn_options(stage_cfg.ynn_fusions) or {}
 
 
 def autoencoder_train_config(cfg, out_dir: str):
-    """The demo's autoencoder stage as a :func:`ldm_jax.train.vae_trainer.train_autoencoder` config:
+    """The demo's autoencoder stage as a config of the autoencoder task (:mod:`ldm_jax.train.autoencoder_task`):
     the LDM objective without GAN and LPIPS (pixel loss + KL, at 32 px), on the demo's dataset."""
     from ml_collections import ConfigDict
 
     from ldm_jax.config_utils import load_config
 
     a, d = cfg.autoencoder, cfg.data
-    ae_cfg = load_config(os.path.join(os.path.dirname(_CONFIG), "tiny_autoencoder.py"))
+    ae_cfg = load_config("tiny_autoencoder")
     ae_cfg.vae = ConfigDict(dict(cfg.vae))
     ae_cfg.loss.perceptual_weight = 0.0
-    ae_cfg.loss.pixel_loss = a.get("pixel_loss", "l1")
+    ae_cfg.loss.pixel_loss = a.pixel_loss
     ae_cfg.loss.disc_start = 10 ** 9
-    ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.get("b1", 0.5), b2=a.get("b2", 0.9),
-                        decay_steps=_decay_steps(a))
+    ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.b1, b2=a.b2, decay_steps=_decay_steps(a))
     ae_cfg.train.update(num_steps=int(a.steps), batch_size=int(a.batch_size), seed=int(cfg.seed), log_every=20,
-                        checkpoint_every=1000, keep_checkpoints=1, keep_every=0, image_every=0,
-                        ynn_fusions=_ynn_fusions(a))
+                        checkpoint_every=1000, keep_checkpoints=1, keep_every=0, preview_every=0,
+                        compiler_options=compiler_options(a))
     ae_cfg.data.update(source="shapes", data_dir=os.path.join(out_dir, "data"), image_size=d.image_size,
                        num_train=d.num_train, num_validation=d.num_validation, num_heldout=d.num_heldout,
                        dataset_seed=d.seed, seed=cfg.seed + 1, random_crop=False, random_flip=False, num_threads=2,
@@ -72,12 +68,12 @@ def _train_autoencoder(cfg, out_dir, log):
     """The tiny KL autoencoder, trained with the library's resumable loop (checkpoints under
     ``out_dir/autoencoder``: an interrupted demo continues where it stopped)."""
     from ldm_jax.models.autoencoder import AutoencoderKL
-    from ldm_jax.train import vae_trainer
+    from ldm_jax.train.autoencoder_task import train_autoencoder
 
     path = os.path.join(out_dir, "autoencoder.npz")
     if os.path.exists(path):
         return _load_params(path), _history(out_dir, "autoencoder")
-    state, history = vae_trainer.train_autoencoder(autoencoder_train_config(cfg, out_dir),
+    state, history = train_autoencoder(autoencoder_train_config(cfg, out_dir),
                                                    os.path.join(out_dir, "autoencoder"),
                                                    AutoencoderKL(**dict(cfg.vae)), devices=jax.devices()[:1])
     params = jax.device_get(state.params["ae"])
@@ -91,12 +87,12 @@ def _train_autoencoder(cfg, out_dir, log):
 def _decay_steps(stage_cfg) -> int:
     """``lr_decay`` of a demo stage: "cosine" anneals the rate to 0 over the stage's ``steps``;
     "constant" (the default, LDM's recipe) keeps it."""
-    kind = stage_cfg.get("lr_decay", "constant")
+    kind = stage_cfg.lr_decay
     if kind not in ("constant", "cosine"):
         raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {kind!r}")
     if kind == "constant":
         return 0
-    steps, warmup = int(stage_cfg.steps), int(stage_cfg.get("warmup_steps", 0))
+    steps, warmup = int(stage_cfg.steps), int(stage_cfg.warmup_steps)
     if steps <= warmup:
         raise ValueError(f"lr_decay='cosine' needs steps ({steps}) > warmup_steps ({warmup})")
     return steps
@@ -120,14 +116,14 @@ def _load_params(path: str):
 def _pretrain_text_encoder(cfg, tokenizer, text_model, out_dir, log):
     """The frozen text encoder: random init, then (``cfg.text_pretrain.steps`` > 0) trained to read
     shape/colour/size/position/background from the *training* captions (the demo's stand-in for
-    CLIP's pretraining, see :mod:`ldm_jax.train.text_encoder`). Returns (params, probe metrics):
+    CLIP's pretraining, see :mod:`.text_pretrain`). Returns (params, probe metrics):
     a linear probe fitted on training captions, scored on held-out-combination captions."""
-    from ldm_jax.eval.attributes import labels_from_examples
-    from ldm_jax.train.text_encoder import pooled_features, pretrain_text_encoder, probe_accuracy
+    from ldm_jax.examples.shapes_demo.attributes import labels_from_examples
+    from ldm_jax.examples.shapes_demo.text_pretrain import pooled_features, pretrain_text_encoder, probe_accuracy
 
     params = text_model.init(jax.random.key(cfg.seed + 3), jnp.zeros((1, 77), jnp.int32))["params"]
-    tp = cfg.get("text_pretrain", {}) or {}
-    if int(tp.get("steps", 0)) <= 0:
+    tp = cfg.text_pretrain
+    if int(tp.steps) <= 0:
         return params, {}
     path = os.path.join(out_dir, "text_encoder.npz")
     train = _examples(cfg, "train", cfg.data.num_train)
@@ -137,8 +133,7 @@ def _pretrain_text_encoder(cfg, tokenizer, text_model, out_dir, log):
         params, history = _load_params(path), _history(out_dir, "text_encoder")
     else:
         params, history = pretrain_text_encoder(text_model, params, ids, labels, steps=int(tp.steps),
-                                                batch_size=int(tp.get("batch_size", 64)), lr=float(tp.get("lr", 1e-3)),
-                                                seed=cfg.seed + 4)
+                                                batch_size=int(tp.batch_size), lr=float(tp.lr), seed=cfg.seed + 4)
         _save_params(path, params)
         _history(out_dir, "text_encoder", history)
     heldout = _examples(cfg, "heldout", cfg.data.num_heldout)
@@ -150,29 +145,31 @@ def _pretrain_text_encoder(cfg, tokenizer, text_model, out_dir, log):
 
 
 def diffusion_train_config(cfg, tokenizer, out_dir: str):
-    """The trainer's config (:func:`ldm_jax.train.diffusion.train`) for the demo's diffusion stage.
-
-    The demo samples with ``cfg.scheduler``, so its ``prediction_type`` is also what the UNet is
-    trained to predict (the trainer's ``train.prediction_type`` would otherwise override it).
-    """
+    """The diffusion task's config (:mod:`ldm_jax.train.diffusion_task`) for the demo's diffusion stage:
+    the demo's networks and scheduler (whose ``prediction_type`` the UNet is trained to predict), on
+    the demo's ``shapes_captions`` (or its cached latents, see :func:`_cache_latents`)."""
     from ml_collections import ConfigDict
 
     from ldm_jax.config_utils import load_config
 
-    d = cfg.diffusion
-    tcfg = load_config(os.path.join(os.path.dirname(_CONFIG), "tiny_train.py"))
+    d, data = cfg.diffusion, cfg.data
+    tcfg = load_config("tiny_train")
     for key in ("unet", "vae", "text_encoder", "scheduler"):
         tcfg[key] = ConfigDict(dict(cfg[key]))
-    tcfg.train.prediction_type = cfg.scheduler.get("prediction_type", "epsilon")
-    tcfg.stages = [dict(resolution=cfg.data.image_size, steps=d.steps, batch_size=d.batch_size)]
-    tcfg.train.update(dict(lr=d.lr, warmup_steps=d.warmup_steps, sample_every=0, tensorboard=True,
+    tcfg.train.prediction_type = cfg.scheduler.prediction_type
+    tcfg.stages = [dict(resolution=data.image_size, steps=d.steps, batch_size=d.batch_size)]
+    tcfg.train.update(dict(lr=d.lr, warmup_steps=d.warmup_steps, preview_every=0, tensorboard=True,
                            checkpoint_every=500, log_every=25))
-    tcfg.train.min_snr_gamma = float(d.get("min_snr_gamma", 0.0))
+    tcfg.train.min_snr_gamma = float(d.min_snr_gamma)
     tcfg.train.decay_steps = _decay_steps(d)
-    tcfg.train.ynn_fusions = _ynn_fusions(d)
+    tcfg.train.compiler_options = compiler_options(d)
     tcfg.train.text_dropout = float(d.text_dropout)
     tcfg.tokenizer = os.path.join(out_dir, "tokenizer")  # so `ldm-jax sample --model out_dir/diffusion` works
     tcfg.train.empty_prompt_ids = [int(x) for x in tokenizer([""])[0]]
+    tcfg.data.update(source="shapes", data_dir=os.path.join(out_dir, "data"), num_train=data.num_train,
+                     num_validation=data.num_validation, num_heldout=data.num_heldout, dataset_seed=data.seed,
+                     seed=cfg.seed + 2, random_flip=False, num_threads=2, max_shapes=data.max_shapes,
+                     shape_scale=data.shape_scale)
     return tcfg
 
 
@@ -192,7 +189,7 @@ def _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir) -> str:
     while the autoencoder and text encoder are the ones it was encoded with, redone otherwise."""
     from ml_collections import ConfigDict
 
-    from ldm_jax.convert.diffusers_folder import LoadedModel
+    from ldm_jax.convert import LoadedModel
     from ldm_jax.data.latents import ModelEncoder, encode_dataset
 
     path = os.path.join(out_dir, "latents")
@@ -216,35 +213,13 @@ def _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir) -> str:
 
 
 def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
-    from ldm_jax.train import diffusion
+    from ldm_jax.train.diffusion_task import train
 
     tcfg = diffusion_train_config(cfg, tokenizer, out_dir)
-    if cfg.diffusion.get("cached_latents", False):
+    if cfg.diffusion.cached_latents:
         tcfg.data.cached_latents = _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir)
-
-    def batches(config, stage, rows):
-        it = _data_iterator(cfg, tokenizer, stage.batch_size, cfg.seed + 2, out_dir)
-
-        class _Rows:
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                b = next(it)
-                return {"image": b["image"][rows[0]:rows[1]], "input_ids": b["input_ids"][rows[0]:rows[1]]}
-
-            def get_state(self):
-                return it.get_state()
-
-            def set_state(self, s):
-                it.set_state(s)
-
-        return _Rows()
-
-    state, history = diffusion.train(tcfg, os.path.join(out_dir, "diffusion"),
-                                     frozen={"text": text_params, "vae": vae_params},
-                                     batch_source_fn=None if tcfg.data.cached_latents else batches,
-                                     devices=jax.devices()[:1])
+    state, history = train(tcfg, os.path.join(out_dir, "diffusion"), frozen={"text": text_params, "vae": vae_params},
+                           devices=jax.devices()[:1])
     if history:
         log("diffusion", history[-1])
     return jax.device_get(state.ema_params), _history(out_dir, "diffusion", history)
@@ -296,7 +271,7 @@ def autoencoder_ceiling(classifier, cfg, vae_params, num: int = 256, batch_size:
     The diffusion model can only produce what the decoder can draw, so this bounds what the
     generated images can reach; a low figure points at the autoencoder, not the diffusion stage.
     """
-    from ldm_jax.eval.attributes import attribute_accuracy, labels_from_examples
+    from ldm_jax.examples.shapes_demo.attributes import attribute_accuracy, labels_from_examples
     from ldm_jax.models.autoencoder import AutoencoderKL
 
     model = AutoencoderKL(**dict(cfg.vae))
@@ -312,7 +287,7 @@ def autoencoder_ceiling(classifier, cfg, vae_params, num: int = 256, batch_size:
 def classifier_real_accuracy(classifier, cfg, num: int = 256) -> dict:
     """Attribute accuracy of the classifier on real validation images: how well the instrument
     reads what the generated images are compared against (the other ceiling of every figure)."""
-    from ldm_jax.eval.attributes import attribute_accuracy, labels_from_examples
+    from ldm_jax.examples.shapes_demo.attributes import attribute_accuracy, labels_from_examples
 
     examples = _examples(cfg, "validation", num)
     real = np.stack([ex["image"] for ex in examples])
@@ -326,8 +301,8 @@ def evaluate(pipe, classifier, cfg, out_dir: str) -> dict:
     colour) pairs) and each guidance scale, one image per caption; the classifier (trained on real
     images) reads its attributes, compared with the caption's labels. Also writes sample grids.
     """
-    from ldm_jax.eval.attributes import attribute_accuracy, labels_from_examples
     from ldm_jax.eval.fid import fid_from_features
+    from ldm_jax.examples.shapes_demo.attributes import attribute_accuracy, labels_from_examples
     from ldm_jax.pipeline import make_grid
 
     e = cfg.eval
@@ -384,7 +359,7 @@ def _pil_grid_real(images: np.ndarray, path: str) -> None:
 
 def _classifier(cfg, out_dir: str):
     """The attribute classifier (trained once on real images, then loaded)."""
-    from ldm_jax.eval.attributes import AttributeClassifier, train_attribute_classifier
+    from ldm_jax.examples.shapes_demo.attributes import AttributeClassifier, train_attribute_classifier
 
     path = os.path.join(out_dir, "attribute_classifier")
     if os.path.exists(path + ".npz") or os.path.isdir(path):
@@ -392,12 +367,10 @@ def _classifier(cfg, out_dir: str):
             return AttributeClassifier.load(path)
         except Exception as err:  # a half-written file from a crash: retrain
             print(f"[demo] retraining the attribute classifier ({err})")
-    from ldm_jax import xla_cpu
-
     c = cfg.eval
     clf = train_attribute_classifier(cfg.data.image_size, seed=cfg.seed, num_images=c.classifier_images,
-                                     steps=c.classifier_steps, batch_size=c.get("classifier_batch_size", 64),
-                                     compiler_options=xla_cpu.compiler_options(c.get("ynn_fusions", ())),
+                                     steps=c.classifier_steps, batch_size=c.classifier_batch_size,
+                                     compiler_options=compiler_options(c) or None,
                                      **_scene_options(cfg))
     clf.save(path)
     return clf
@@ -440,12 +413,13 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     from ldm_jax.config_utils import load_config
     from ldm_jax.models.clip_text import CLIPTextModel
     from ldm_jax.models.tokenizer import PromptTokenizer
-    from ldm_jax.pipeline import StableDiffusionPipeline, enable_compilation_cache
+    from ldm_jax.pipeline import StableDiffusionPipeline
+    from ldm_jax.runtime import enable_compilation_cache
     from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
 
     t_start = time.time()
     enable_compilation_cache()  # a re-run (stages reused) skips the compiles too
-    cfg = load_config(config_path or _CONFIG, overrides)
+    cfg = load_config(config_path or CONFIG, overrides)
     if rebuild and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -455,19 +429,19 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
         print(f"[demo] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
     tokenizer = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(
-        os.path.join(out_dir, "tokenizer"), words=caption_words(cfg) if cfg.get("word_vocab", True) else None))
+        os.path.join(out_dir, "tokenizer"), words=caption_words(cfg) if cfg.word_vocab else None))
     latent = int(cfg.vae.latent_channels)  # the UNet denoises the autoencoder's latents
     cfg.unet.update(in_channels=latent, out_channels=latent)
     cfg.text_encoder.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     t = time.time()
-    _data_iterator(cfg, tokenizer, 8, 0, out_dir)  # builds the dataset on first use
+    _train_source(cfg, out_dir)  # builds the dataset on first use
     stages["data_s"] = time.time() - t
 
     t = time.time()
     vae_params, ae_hist = _train_autoencoder(cfg, out_dir, log)
     stages["autoencoder_s"] = time.time() - t
-    if cfg.get("auto_scaling_factor", True):
+    if cfg.auto_scaling_factor:
         real = np.stack([ex["image"] for ex in _examples(cfg, "train", min(512, cfg.data.num_train))])
         cfg.vae.scaling_factor = latent_scale(cfg.vae, vae_params, real.astype(np.float32) / 127.5 - 1.0)
         print(f"[demo] latent scaling_factor = {cfg.vae.scaling_factor:.4f} (1/std of the latents)")
@@ -507,8 +481,8 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     if ae_key:
         metrics["autoencoder_loss_first"], metrics["autoencoder_loss_last"] = ae_hist[0][ae_key], ae_hist[-1][ae_key]
     metrics["wall_time_s"] = time.time() - t_start
-    metrics["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # huge-page malloc: see ldm_jax.malloc_env
-    budget = cfg.get("time_budget_s")
+    metrics["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # huge-page malloc: see ldm_jax.runtime
+    budget = cfg.time_budget_s
     if budget:
         metrics["time_budget_s"] = float(budget)
         metrics["within_time_budget"] = bool(metrics["wall_time_s"] <= budget)

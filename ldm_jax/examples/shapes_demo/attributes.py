@@ -145,7 +145,7 @@ def train_attribute_classifier(image_size: int, seed: int = 0, num_images: int =
     with hard edges, and a reader trained only on those misreads any generator's soft, slightly
     off-colour output (Gaussian noise of sigma 0.1 alone halves its accuracy).
 
-    ``compiler_options``: XLA options of the jitted step (e.g. :func:`ldm_jax.xla_cpu.compiler_options`).
+    ``compiler_options``: XLA options of the jitted step (e.g. :func:`ldm_jax.runtime.ynn_options`).
     """
     from tqdm.auto import tqdm
 

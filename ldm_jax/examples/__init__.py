@@ -1,0 +1,1 @@
+"""Examples built on the library's public API (the library itself never imports them)."""

@@ -1,0 +1,47 @@
+"""The end-to-end CPU demo (``make demo``): shapes_captions -> tiny autoencoder -> tiny text-conditioned
+latent diffusion -> samples per guidance scale -> report. Sized for a 2-core machine; the
+measurements behind each setting are in ``docs/demo.md``."""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.time_budget_s = 1200  # the whole run on the 2-core CPU machine; metrics.json records whether it fit
+    # One shape per scene: the evaluation reads one shape's attributes. Shapes drawn 1.15x the default
+    # size: at 32 px a small default shape is ~5 px across, which the f=4 autoencoder (one latent per
+    # 4x4 pixels) blurs into a blob of the wrong shape.
+    c.data = dict(image_size=32, num_train=4000, num_validation=200, num_heldout=200, seed=0, max_shapes=1,
+                  shape_scale=1.15)
+    # L2 pixel loss: with L1 a short run reconstructs the flat background and drops small shapes. The
+    # decoder draws blobs for its first ~2000 steps, then learns the shapes.
+    # lr_decay: "constant" (LDM) or "cosine" (anneals to 0 over the stage's steps).
+    # ynn_fusions: the op kinds XLA:CPU hands to YNNPACK in this stage's step (ldm_jax.runtime.ynn_options).
+    c.autoencoder = dict(steps=6000, batch_size=16, lr=1e-3, pixel_loss="l2", b1=0.5, b2=0.9, lr_decay="constant",
+                         warmup_steps=0, ynn_fusions=("dot", "eltwise", "reduce"))
+    # The frozen text encoder is first trained to read the training captions' attributes: the stand-in
+    # for CLIP pretraining, since a frozen *random* encoder cannot bind colours to objects.
+    c.text_pretrain = dict(steps=800, batch_size=64, lr=1e-3)
+    # Min-SNR-5 weighting and a cosine decay; cached latents (the training split encoded once by the
+    # frozen encoders) so that a step runs the UNet only and more steps fit the budget.
+    c.diffusion = dict(steps=3000, batch_size=16, lr=3e-3, warmup_steps=100, text_dropout=0.1, lr_decay="cosine",
+                       min_snr_gamma=5.0, ynn_fusions=(), cached_latents=True)
+    c.sample = dict(steps=25, sampler="ddim", guidance_scales=(1.0, 3.0, 7.5), num_prompts=8)
+    # Attribute classifier trained on real images reads generated ones; the bar of `make demo`.
+    c.eval = dict(num_prompts=64, batch_size=32, classifier_images=4000, classifier_steps=1800,
+                  classifier_batch_size=64, ynn_fusions=("dot", "eltwise", "reduce"), target_seen=0.9,
+                  target_heldout=0.7)
+    c.word_vocab = True  # one token per caption word (see caption_words)
+    c.auto_scaling_factor = True  # SD's 1/std of the latents, measured after the autoencoder stage
+    c.unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+                  layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                  cross_attention_dim=64, norm_num_groups=16, flip_sin_to_cos=True, freq_shift=0)
+    c.vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                 layers_per_block=1, norm_num_groups=16, sample_size=32, scaling_factor=1.0)
+    c.text_encoder = dict(vocab_size=864, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                          bos_token_id=862, eos_token_id=863, pad_token_id=863, hidden_layer="last")
+    c.scheduler = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, prediction_type="epsilon", steps_offset=1)
+    return c
