@@ -12,6 +12,8 @@ setup(
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",
+        "gcsfs",  # gs:// workdirs, latents, logs and models (etils.epath over fsspec)
         "ml_collections>=0.1.1",
         "numpy",
         "safetensors>=0.4",
@@ -35,6 +37,7 @@ setup(
             "nbclient",
             "ipykernel",
             "nbformat",
+            "gcp-storage-emulator",  # a GCS API server on loopback for the cloud-storage tests
         ],
     },
     entry_points={"console_scripts": ["ldm-jax=ldm_jax.cli:run"]},

@@ -8,7 +8,62 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs (read when it is imported): the plain GCS client, no zonal/HNS bucket-type probe over gRPC (which
+# an emulator does not serve) and no metadata-server credential probe
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("NO_GCE_CHECK", "true")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+GCS_BUCKET = "ldm-jax-test"
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A real GCS API server (``gcp-storage-emulator``, in memory, through ``tests/gcs_emulator.py``) on
+    loopback for the session, with
+    bucket ``GCS_BUCKET``; gcsfs/epath (``STORAGE_EMULATOR_HOST``) and tensorstore/orbax
+    (``TENSORSTORE_GCS_HTTP_URL``) in this process and its children talk to it. Yields the bucket URL
+    (``gs://ldm-jax-test``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
+    proc = subprocess.Popen([sys.executable, launcher, str(port), GCS_BUCKET],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("gcp-storage-emulator did not start")
+            time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    # gcsfs without credentials (fsspec reads FSSPEC_GCS_* as its defaults), tensorstore with a test token
+    env = {"STORAGE_EMULATOR_HOST": url, "FSSPEC_GCS_TOKEN": "anon", "FSSPEC_GCS_PROJECT": "test",
+           "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield f"gs://{GCS_BUCKET}"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.convert.torch_flax import WeightsError
 
 __all__ = ["PICKLE_EXTENSIONS", "load_state_dict", "save_state_dict"]
@@ -38,7 +39,7 @@ def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     """Load a flat weights file into ``{key: np.ndarray}`` (fp16/bf16 -> float32).
 
     Args:
-      path: a ``.safetensors`` file, a sharded ``*.safetensors.index.json``, or a pickled PyTorch
+      path: a ``.safetensors`` file (local or ``gs://``), a sharded ``*.safetensors.index.json``, or a pickled PyTorch
         file (``.ckpt``/``.bin``/``.pt``/``.pth``; a Lightning ``{"state_dict": ...}`` is unwrapped).
       allow_pickle: pickled files are refused unless True (unpickling runs arbitrary code).
 
@@ -47,6 +48,13 @@ def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
       WeightsError: empty, truncated or corrupt file, unknown extension, pickle refused, no torch.
     """
     path = os.fspath(path)
+    if storage.is_remote(path):  # read from a local copy (downloaded once; shards with their index)
+        if not storage.isfile(path):
+            raise FileNotFoundError(f"weights file {path!r} does not exist")
+        if path.lower().endswith(_INDEX_SUFFIX):
+            path = os.path.join(storage.local_copy(path.rsplit("/", 1)[0]), path.rsplit("/", 1)[1])
+        else:
+            path = storage.local_copy(path)
     if not os.path.isfile(path):
         kind = "is a directory, not a weights file" if os.path.isdir(path) else "does not exist"
         raise FileNotFoundError(f"weights file {path!r} {kind}")
@@ -165,15 +173,11 @@ def _load_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     return out
 
 
-def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike,
-                    metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``{key: array}`` to ``path`` as safetensors (``metadata`` defaults to ``{"format": "pt"}``).
+def state_dict_bytes(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """``{key: array}`` as the bytes of a safetensors file (``metadata`` defaults to ``{"format": "pt"}``).
 
     bf16 arrays (``ml_dtypes.bfloat16``, e.g. ``jnp.bfloat16``) are stored as BF16.
     """
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"save_state_dict writes .safetensors files, got {path!r}")
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     blobs, offset = [], 0
     for key in sorted(state_dict):
@@ -190,10 +194,16 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike,
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # data section 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for raw in blobs:
-            f.write(raw)
-    os.replace(tmp, path)
+    return b"".join([struct.pack("<Q", len(head)), head, *blobs])
+
+
+def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``{key: array}`` to ``path`` (local or a cloud URL) as safetensors, atomically
+    (:func:`state_dict_bytes`)."""
+    from ldm_jax import storage
+
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"save_state_dict writes .safetensors files, got {path!r}")
+    storage.write_bytes(path, state_dict_bytes(state_dict, metadata))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ldm_jax import storage
 from ldm_jax.convert.diffusers_folder import LoadedModel, export_diffusers, load_pipeline_weights, load_single_file
 
 
@@ -16,7 +17,8 @@ def load_model(path_or_id: str | os.PathLike, *, allow_pickle: bool = False, dty
     :func:`ldm_jax.train.workdir.load_workdir`: the latest complete checkpoint, or ``step``; EMA
     weights unless ``ema=False``); another folder is a diffusers pipeline folder; anything else is a
     hub id. ``ema`` also picks the EMA/raw UNet of a single file with both; ``step`` applies to
-    workdirs only.
+    workdirs only. Each may be in cloud storage (``gs://``): a workdir is read in place, a file or
+    diffusers folder through a local copy.
     """
     from ldm_jax.train.workdir import is_training_workdir, load_workdir  # the workdir's owner, above this layer
 
@@ -24,6 +26,12 @@ def load_model(path_or_id: str | os.PathLike, *, allow_pickle: bool = False, dty
     kw = {} if dtype is None else {"dtype": dtype}
     if is_training_workdir(path):
         return load_workdir(path, step=step, ema=True if ema is None else bool(ema), **kw)
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            raise FileNotFoundError(f"model {path!r} does not exist")
+        loaded = load_model(storage.local_copy(path), allow_pickle=allow_pickle, dtype=dtype, step=step, ema=ema)
+        loaded.source = path
+        return loaded
     if step is not None:
         raise ValueError(f"step={step}: {path!r} is not a training workdir (no checkpoints/ folder); "
                          f"only workdirs hold several checkpoints")

@@ -13,7 +13,7 @@ so an interrupted run resumes there, and readers refuse a directory whose metada
 """
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 import math
 import os
@@ -23,9 +23,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from flax import serialization
 
+from ldm_jax import storage
 from ldm_jax.data import pipeline, transforms
 
-__all__ = ["encode_dataset", "ModelEncoder", "CachedLatentsSource", "make_latents_iterator", "sample_latents"]
+__all__ = ["encode_dataset", "ModelEncoder", "read_cache_metadata", "CachedLatentsSource", "make_latents_iterator",
+           "sample_latents"]
 
 
 def _writer(path: str):
@@ -36,15 +38,11 @@ def _writer(path: str):
 
 def _write_json(path: str, obj: Any) -> None:
     """Atomic: readers see the old file or the new one, never a partial one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_json(path, obj)
 
 
 def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    return storage.read_json(path)
 
 
 def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], out_dir: str | os.PathLike,
@@ -65,7 +63,7 @@ def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], o
     ``out_dir/metadata-<host>.json``).
     """
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     process_index, process_count = transforms.check_hosts(process_index, process_count)
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -78,16 +76,19 @@ def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], o
                  "process_count": process_count, "info": info or {}}
     signature = json.loads(json.dumps(signature))  # as it reads back from the JSON files
     host = f"{process_index:05d}"
-    meta_path = os.path.join(out_dir, f"metadata-{host}.json")
-    progress_path = os.path.join(out_dir, f"progress-{host}.json")
-    partial_dir = os.path.join(out_dir, f".partial-{host}")
+    meta_path = storage.join(out_dir, f"metadata-{host}.json")
+    progress_path = storage.join(out_dir, f"progress-{host}.json")
+    # shards are written here and moved (local) or uploaded (cloud) into out_dir when complete
+    partial_dir = (os.path.join(storage.CACHE_DIR, "partial", hashlib.sha1(out_dir.encode()).hexdigest()[:16], host)
+                   if storage.is_remote(out_dir) else os.path.join(out_dir, f".partial-{host}"))
     if overwrite:
-        for p in [meta_path, progress_path, *glob.glob(os.path.join(out_dir, f"latents-{host}-*.array_record"))]:
-            if os.path.exists(p):
-                os.remove(p)
+        shards = [storage.join(out_dir, n) for n in storage.listdir(out_dir)
+                  if n.startswith(f"latents-{host}-") and n.endswith(".array_record")]
+        for p in [meta_path, progress_path, *shards]:
+            storage.remove(p)
         shutil.rmtree(partial_dir, ignore_errors=True)
-    done = _read_json(meta_path) if os.path.exists(meta_path) else None
-    resume = _read_json(progress_path) if os.path.exists(progress_path) else None
+    done = _read_json(meta_path) if storage.exists(meta_path) else None
+    resume = _read_json(progress_path) if storage.exists(progress_path) else None
     for prev in (done, resume):
         if prev is not None and prev["signature"] != signature:
             raise ValueError(f"{out_dir!r} holds host {process_index}'s output of a different encoding "
@@ -115,7 +116,12 @@ def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], o
 
     def finish_shard():  # close it, move it into place, record the data position after it
         writer.close()
-        os.replace(os.path.join(partial_dir, files[-1]), os.path.join(out_dir, files[-1]))
+        done_shard = os.path.join(partial_dir, files[-1])
+        if storage.is_remote(out_dir):
+            storage.copy_file(done_shard, storage.join(out_dir, files[-1]))
+            os.remove(done_shard)
+        else:
+            os.replace(done_shard, os.path.join(out_dir, files[-1]))
         _write_json(progress_path, {"signature": signature, "iterator": it.get_state(), "files": files,
                                     "num_examples": count, "features": shapes})
 
@@ -160,8 +166,7 @@ def encode_dataset(source, encode_fn: Callable[[np.ndarray, list[str]], dict], o
             "process_index": process_index, "process_count": process_count, "info": info or {},
             "signature": signature}
     _write_json(meta_path, meta)
-    if os.path.exists(progress_path):
-        os.remove(progress_path)
+    storage.remove(progress_path)
     return meta
 
 
@@ -232,6 +237,23 @@ class ModelEncoder:
         return {"moments": np.asarray(m)[:b], "context": np.asarray(c)[:b], "input_ids": ids}
 
 
+def read_cache_metadata(out_dir: str | os.PathLike) -> dict:
+    """Host 0's metadata of a finished :func:`encode_dataset` folder (local or cloud), reading no shard;
+    ValueError when it is missing or some host has not finished."""
+    out_dir = os.fspath(out_dir)
+    metas = [n for n in storage.listdir(out_dir) if n.startswith("metadata-") and n.endswith(".json")]
+    if not metas:
+        raise ValueError(f"CachedLatentsSource: no metadata-*.json in {out_dir!r} (not written by "
+                         f"encode_dataset, or not finished: run it again to resume)")
+    metadata = _read_json(storage.join(out_dir, metas[0]))
+    count = int(metadata["process_count"])
+    missing = [h for h in range(count) if f"metadata-{h:05d}.json" not in metas]
+    if missing:
+        raise ValueError(f"CachedLatentsSource: {out_dir!r} is incomplete: hosts {missing} of {count} have "
+                         f"not finished encoding (run it again to resume)")
+    return metadata
+
+
 class CachedLatentsSource:
     """Random-access source over the shards :func:`encode_dataset` wrote (all hosts' shards).
 
@@ -243,18 +265,11 @@ class CachedLatentsSource:
         import grain
 
         out_dir = os.fspath(out_dir)
-        metas = sorted(glob.glob(os.path.join(out_dir, "metadata-*.json")))
-        if not metas:
-            raise ValueError(f"CachedLatentsSource: no metadata-*.json in {out_dir!r} (not written by "
-                             f"encode_dataset, or not finished: run it again to resume)")
-        self.metadata = _read_json(metas[0])
+        self.metadata = read_cache_metadata(out_dir)
         count = int(self.metadata["process_count"])
-        names = [os.path.join(out_dir, f"metadata-{h:05d}.json") for h in range(count)]
-        missing = [h for h, name in enumerate(names) if not os.path.exists(name)]
-        if missing:
-            raise ValueError(f"CachedLatentsSource: {out_dir!r} is incomplete: hosts {missing} of {count} have "
-                             f"not finished encoding (run it again to resume)")
-        self.paths = [os.path.join(out_dir, f) for name in names for f in _read_json(name)["files"]]
+        names = [storage.join(out_dir, f"metadata-{h:05d}.json") for h in range(count)]
+        # ArrayRecord reads local files: shards in cloud storage are copied to the local cache once
+        self.paths = [storage.local_copy(storage.join(out_dir, f)) for name in names for f in _read_json(name)["files"]]
         if not self.paths:
             raise ValueError(f"CachedLatentsSource: no examples in {out_dir!r}")
         self.source = grain.sources.ArrayRecordDataSource(self.paths)

@@ -7,13 +7,14 @@ later in the pipeline, where a corrupt image is skipped and counted instead of c
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 import tarfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from ldm_jax import storage
 
 __all__ = ["IMAGE_EXTENSIONS", "SOURCE_KINDS", "FolderSource", "TarShardSource", "TfdsSource", "shapes_source",
            "make_source", "source_from_spec"]
@@ -114,18 +115,18 @@ class TarShardSource:
 
     def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike]):
         if isinstance(shards, (str, os.PathLike)):
-            shards = sorted(glob.glob(os.fspath(shards))) or [os.fspath(shards)]
+            shards = storage.glob(shards) or [os.fspath(shards)]
         self.shards = [os.fspath(s) for s in shards]
         self.items: list[tuple[int, tuple[int, int] | None, tuple[str, int, int] | None]] = []
         for si, path in enumerate(self.shards):
-            if not os.path.exists(path):
+            if not storage.isfile(path):
                 raise ValueError(f"TarShardSource: shard {path!r} does not exist")
-            try:
-                tar = tarfile.open(path, mode="r:")  # uncompressed only: members must be seekable
-            except tarfile.ReadError as e:
-                raise ValueError(f"TarShardSource: {path!r} is not an uncompressed tar file ({e})") from e
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tar:
+            with storage.open_binary(path) as fh:
+                try:  # uncompressed only: members are read by offset
+                    tar = tarfile.open(fileobj=fh, mode="r:")
+                except tarfile.ReadError as e:
+                    raise ValueError(f"TarShardSource: {path!r} is not an uncompressed tar file ({e})") from e
                 for m in tar.getmembers():
                     if not m.isfile():
                         continue
@@ -147,9 +148,12 @@ class TarShardSource:
         self._fds: dict[int, int] = {}
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
+        path = self.shards[shard]
+        if storage.is_remote(path):  # one ranged request per member
+            return storage.read_range(path, offset, size)
         fd = self._fds.get(shard)
         if fd is None:
-            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+            fd = self._fds[shard] = os.open(path, os.O_RDONLY)
         return os.pread(fd, size, offset)  # thread-safe: no shared file position
 
     def __len__(self) -> int:

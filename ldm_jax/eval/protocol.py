@@ -11,12 +11,15 @@ results behind.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from ldm_jax import storage
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALES",
@@ -168,15 +171,14 @@ def plot_fid_vs_clip(results: Sequence[dict], path: str, title: str | None = Non
     ax.margins(0.1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    storage.write_bytes(path, buf.getvalue())  # local or cloud, atomic
     return path
 
 
 def _write_json(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_json(path, obj)
 
 
 def evaluate_guidance_sweep(pipe, captions: Sequence[str], real_images: np.ndarray,
@@ -213,7 +215,7 @@ def evaluate_guidance_sweep(pipe, captions: Sequence[str], real_images: np.ndarr
     if not guidance_scales:
         raise ValueError("no guidance scales given")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     if isinstance(clip, (str, os.PathLike)):
         from ldm_jax.eval.clip_score import load_clip
 
@@ -237,12 +239,12 @@ def evaluate_guidance_sweep(pipe, captions: Sequence[str], real_images: np.ndarr
         feats, scores = _measure_scale(pipe, captions, g, feature_fn, clip, num_inference_steps=num_inference_steps,
                                        sampler=sampler, seed=seed, batch_size=batch_size, height=height, width=width,
                                        chunk_size=chunk_size,
-                                       save_dir=os.path.join(out_dir, "samples", f"w{g:g}") if save_images else None)
+                                       save_dir=storage.join(out_dir, "samples", f"w{g:g}") if save_images else None)
         score = None if scores is None else float(np.mean(scores))
         metrics["results"].append({"guidance_scale": float(g), "fid": fid_from_features(feats, real_feats),
                                    "clip_score": score})
-        _write_json(metrics, os.path.join(out_dir, METRICS_FILE))
-    plot_fid_vs_clip(metrics["results"], os.path.join(out_dir, PLOT_FILE))
+        _write_json(metrics, storage.join(out_dir, METRICS_FILE))
+    plot_fid_vs_clip(metrics["results"], storage.join(out_dir, PLOT_FILE))
     return metrics
 
 
@@ -281,9 +283,11 @@ def _measure_scale(pipe, captions, guidance_scale, feature_fn, clip, *, num_infe
                                             sampler=sampler, seed=seed, batch_size=batch_size, height=height,
                                             width=width):
         if save_dir is not None:
-            os.makedirs(save_dir, exist_ok=True)
+            storage.makedirs(save_dir)
             for i, im in enumerate(images, start):
-                Image.fromarray(im).save(os.path.join(save_dir, f"{i:05d}.png"))
+                buf = io.BytesIO()
+                Image.fromarray(im).save(buf, format="PNG")
+                storage.write_bytes(storage.join(save_dir, f"{i:05d}.png"), buf.getvalue())
         pending.append(images)
         if sum(map(len, pending)) >= chunk_size:
             flush()
@@ -319,5 +323,5 @@ def run_eval(model: str, captions: str, real_images: str, out_dir: str, *,
                                       sampler=sampler, seed=seed, feature_fn=feature_fn, clip=loaded_clip,
                                       out_dir=out_dir, batch_size=batch_size, save_images=save_images)
     metrics["model"] = model
-    _write_json(metrics, os.path.join(out_dir, METRICS_FILE))
+    _write_json(metrics, storage.join(out_dir, METRICS_FILE))
     return metrics

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ldm_jax import storage
+
 __all__ = ["CheckpointManager", "PreemptionGuard", "abstract_like", "allgather_json"]
 
 
@@ -84,18 +86,18 @@ class CheckpointManager:
                  keep_every: int | None = None, async_save: bool = True, read_only: bool = False):
         if save_every <= 0 or keep_last <= 0:
             raise ValueError(f"save_every ({save_every}) and keep_last ({keep_last}) must be > 0")
-        self.directory = os.path.abspath(directory)
+        self.directory = os.fspath(storage.path(directory))  # local (absolute) or a cloud URL
         self.save_every = save_every
         self.read_only = read_only
         if read_only:  # partial restores of the state need the PyTree handler (same files)
             options = ocp.CheckpointManagerOptions(read_only=True)
             handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-            self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            self._mngr = ocp.CheckpointManager(storage.path(directory), options=options, item_handlers=handlers)
             return
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep_last, keep_period=keep_every or None,
             create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        self._mngr = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
+        self._mngr = ocp.CheckpointManager(storage.path(directory), item_names=("state", "meta"), options=options)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -116,10 +118,10 @@ class CheckpointManager:
 
         ``meta_fn()`` builds the metadata, only when saving. It may run a collective (e.g.
         :func:`allgather_json`): every process calls it at the same steps, as the decision depends
-        on ``step``, ``last`` and ``guard.should_stop()`` only (the flag agrees over processes),
+        on ``step``, ``last`` and ``guard.should_stop(step)`` only (the flag agrees over processes),
         so ``last`` must be the same on every process.
         """
-        stop = guard.should_stop()
+        stop = guard.should_stop(step)
         if stop or last or step % self.save_every == 0:
             self.save(step, state, meta_fn(), force=stop or last)
         if stop:
@@ -174,13 +176,15 @@ class CheckpointManager:
 class PreemptionGuard:
     """Turns SIGTERM (and optionally other signals) into a flag the training loop polls.
 
-    ``with PreemptionGuard() as guard: ... if guard.should_stop(): save and exit``. Multi-host:
-    the flag is OR-ed over processes so all of them stop at the same step. Handlers are only
-    installed from the main thread; previous handlers are restored on exit.
+    ``with PreemptionGuard() as guard: ... if guard.should_stop(step): save and exit``. Multi-host:
+    the flag is OR-ed over processes every ``check_every`` steps, so all of them stop at the same
+    step. Handlers are only installed from the main thread; previous handlers are restored on exit.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
-        self.signals = signals
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), check_every: int = 1):
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.signals, self.check_every = signals, int(check_every)
         self._flag = False
         self._previous: dict[int, Any] = {}
 
@@ -202,9 +206,14 @@ class PreemptionGuard:
     def request(self) -> None:
         self._flag = True
 
-    def should_stop(self) -> bool:
+    def should_stop(self, step: int | None = None) -> bool:
+        """Whether a signal arrived. Multi-host, the answer is agreed over processes (a collective),
+        so it is only asked at steps divisible by ``check_every`` (every process at the same steps):
+        a preempted pod stops within ``check_every`` steps, and the other steps cost nothing."""
         if jax.process_count() == 1:
             return self._flag
+        if step is not None and step % self.check_every:
+            return False
         from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.int32(self._flag))))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_state_dict
 from ldm_jax.convert.diffusers_folder import LoadedModel, _make_config, build_configs_and_shapes
 from ldm_jax.convert.torch_flax import WeightsError
@@ -47,12 +47,13 @@ _FORMAT = {"format": "flax", "writer": "ldm_jax.train.workdir"}
 
 
 def is_training_workdir(path: str | os.PathLike) -> bool:
-    """A folder with ``checkpoints/`` (or the trainer's ``config.json`` + ``frozen/``), not a diffusers folder."""
+    """A folder (local or ``gs://``) with ``checkpoints/`` (or the loop's ``config.json`` + ``frozen/``),
+    not a diffusers folder."""
     path = os.fspath(path)
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model_index.json")):
+    names = set(storage.listdir(path)) if storage.is_remote(path) or os.path.isdir(path) else set()
+    if not names or "model_index.json" in names:
         return False
-    return os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)) or (
-        os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, FROZEN_DIR)))
+    return CHECKPOINTS_DIR in names or {CONFIG_FILE, FROZEN_DIR} <= names
 
 
 # ----------------------------------------------------------------------------------------- writing (trainer)
@@ -73,14 +74,6 @@ def _flatten(tree: Mapping) -> dict[str, Any]:
     return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _config_json(config) -> dict:
     if isinstance(config, ml_collections.ConfigDict):
         return json.loads(config.to_json_best_effort())
@@ -91,19 +84,19 @@ def write_config(workdir: str, config) -> None:
     """``workdir/config.json``: the resolved config, rewritten at every start (process 0, atomic)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), _config_json(config))
+    storage.write_json(storage.join(workdir, CONFIG_FILE), _config_json(config))
 
 
 def write_frozen(workdir: str, config, frozen: Mapping[str, Any]) -> None:
     """The frozen encoders' params (``frozen["text"]``, ``frozen["vae"]``; None entries skipped) and a
-    copy of a local ``config.tokenizer`` folder, each only when missing: the workdir becomes a model
-    source. Every process must call it (gathering params sharded over hosts is a collective);
-    process 0 writes."""
+    copy of the ``config.tokenizer`` folder (local or remote), each only when missing: the workdir
+    becomes a model source. Every process must call it (gathering params sharded over hosts is a
+    collective); process 0 writes."""
     multi = jax.process_count() > 1
-    frozen_dir = os.path.join(workdir, FROZEN_DIR)
+    frozen_dir = storage.join(workdir, FROZEN_DIR)
     wanted = {k: f for k, f in _FROZEN_FILES.items() if frozen.get(k) is not None}
-    missing = any(not os.path.isfile(os.path.join(frozen_dir, f)) for f in wanted.values())
+    present = set(storage.listdir(frozen_dir))
+    missing = any(f not in present for f in wanted.values())
     if multi:  # every process takes the same branch (the gather below is a collective)
         from jax.experimental import multihost_utils
 
@@ -111,26 +104,28 @@ def write_frozen(workdir: str, config, frozen: Mapping[str, Any]) -> None:
     host = {k: _host_tree(frozen[k]) for k in wanted} if missing else {}
     if jax.process_index() != 0:
         return
-    os.makedirs(frozen_dir, exist_ok=True)
     for key, params in host.items():
-        path = os.path.join(frozen_dir, wanted[key])
-        if not os.path.isfile(path):
-            save_state_dict(_flatten(params), path, metadata=_FORMAT)  # atomic (tmp + rename)
+        if wanted[key] not in present:
+            save_state_dict(_flatten(params), storage.join(frozen_dir, wanted[key]), metadata=_FORMAT)  # atomic
     tok = config.get("tokenizer") if hasattr(config, "get") else None
-    dst = os.path.join(workdir, TOKENIZER_DIR)
-    if isinstance(tok, str) and os.path.isdir(tok) and not os.path.isdir(dst):
-        shutil.copytree(tok, dst + ".tmp", dirs_exist_ok=True)
-        os.replace(dst + ".tmp", dst)
+    dst = storage.join(workdir, TOKENIZER_DIR)
+    if isinstance(tok, str) and (storage.is_remote(tok) or os.path.isdir(tok)) and storage.isdir(tok) \
+            and not storage.isdir(dst):
+        if storage.is_remote(dst):
+            storage.copytree(tok, dst)  # objects: each file appears whole
+        else:
+            storage.copytree(tok, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
 
 
 def tensorboard_dir(workdir: str) -> str:
-    return os.path.join(workdir, TENSORBOARD_DIR)
+    return storage.join(workdir, TENSORBOARD_DIR)
 
 
 def open_checkpoints(workdir: str, train) -> CheckpointManager:
     """The checkpoint manager of ``workdir/checkpoints`` with a config's ``train`` section's policy
     (``checkpoint_every``, ``keep_checkpoints``, ``keep_every``, ``async_checkpoints``)."""
-    return CheckpointManager(os.path.join(workdir, CHECKPOINTS_DIR), save_every=int(train.checkpoint_every),
+    return CheckpointManager(storage.join(workdir, CHECKPOINTS_DIR), save_every=int(train.checkpoint_every),
                              keep_last=int(train.keep_checkpoints), keep_every=int(train.keep_every) or None,
                              async_save=bool(train.async_checkpoints))
 
@@ -138,15 +133,11 @@ def open_checkpoints(workdir: str, train) -> CheckpointManager:
 # ----------------------------------------------------------------------------------------- reading
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     """Steps of the complete (finalised) checkpoints in ``workdir/checkpoints``, ascending."""
-    from orbax.checkpoint import path as ocp_path
-
-    ckpt_dir = os.path.join(os.fspath(workdir), CHECKPOINTS_DIR)
-    if not os.path.isdir(ckpt_dir):
-        return []
+    ckpt_dir = storage.join(os.fspath(workdir), CHECKPOINTS_DIR)
     steps = []
-    for step in ocp_path.step.checkpoint_steps(ckpt_dir):
-        if os.path.isdir(os.path.join(ckpt_dir, str(step), "state")):
-            steps.append(int(step))
+    for name in storage.listdir(ckpt_dir):  # orbax writes <step>.orbax-checkpoint-tmp-* and renames when done
+        if name.isdigit() and "state" in storage.listdir(storage.join(ckpt_dir, name)):
+            steps.append(int(name))
     return sorted(steps)
 
 
@@ -175,7 +166,7 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
     """
     workdir = os.fspath(workdir)
     steps = checkpoint_steps(workdir)
-    ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
+    ckpt_dir = storage.join(workdir, CHECKPOINTS_DIR)
     if not steps:
         raise FileNotFoundError(f"training workdir {workdir!r} has no complete checkpoint in {ckpt_dir!r} "
                                 f"(training not started, or stopped before its first save finished)")
@@ -201,13 +192,12 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
 
 
 def _read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.isfile(path):
         raise WeightsError(f"training workdir {workdir!r} has no {CONFIG_FILE} (written by the training "
                            f"loop when a run starts; this workdir predates it or was not written by ldm_jax)")
     try:
-        with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(storage.read_json(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path!r} is not valid JSON: {e}") from None
 
@@ -229,12 +219,12 @@ def _check_tree(params: Mapping, shapes: Mapping, what: str) -> None:
 def _read_frozen(workdir: str, key: str, shapes: Mapping) -> dict:
     from flax import traverse_util
 
-    path = os.path.join(workdir, FROZEN_DIR, _FROZEN_FILES[key])
-    if not os.path.isfile(path):
+    path = storage.join(workdir, FROZEN_DIR, _FROZEN_FILES[key])
+    if not storage.isfile(path):
         why = (" (the run trained on precomputed latents, so the trainer had no VAE)" if key == "vae" else "")
         raise WeightsError(f"training workdir {workdir!r} has no frozen {key} params ({path!r} is missing"
                            f"{why}); a diffusion training workdir holds them")
-    params = traverse_util.unflatten_dict(load_state_dict(path), sep="/")
+    params = traverse_util.unflatten_dict(load_state_dict(storage.local_copy(path)), sep="/")
     _check_tree(params, shapes, path)
     return params
 
@@ -262,9 +252,9 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     cfg = _read_config(workdir)
     for comp in ("unet", "vae", "text_encoder"):
         if comp not in cfg:
-            raise WeightsError(f"{os.path.join(workdir, CONFIG_FILE)} has no {comp!r} section")
+            raise WeightsError(f"{storage.join(workdir, CONFIG_FILE)} has no {comp!r} section")
     configs, shapes = build_configs_and_shapes(
-        {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, os.path.join(workdir, CONFIG_FILE))
+        {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, storage.join(workdir, CONFIG_FILE))
     unet, step = restore_unet_params(workdir, step, ema=ema)
     _check_tree(unet, shapes["unet"], f"UNet {'EMA ' if ema else ''}params of checkpoint {step} in {workdir!r}")
     params = {"unet": unet, "vae": _read_frozen(workdir, "vae", shapes["vae"]),
@@ -277,13 +267,14 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     trained = cfg.train.get("prediction_type") if "train" in cfg else None
     if trained:  # the trainer's override of the scheduler's prediction type
         scheduler["prediction_type"] = trained
-    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
-    tokenizer_path = tok_dir if os.path.isdir(tok_dir) else None
-    name = f"{os.path.basename(os.path.normpath(workdir))}-step{step}{'' if ema else '-raw'}"
+    tok_dir = storage.join(workdir, TOKENIZER_DIR)
+    tokenizer_path = storage.local_copy(tok_dir) if storage.isdir(tok_dir) else None  # tokenizers read local files
+    name = f"{os.path.basename(os.path.normpath(workdir.rstrip('/')))}-step{step}{'' if ema else '-raw'}"
     config = _make_config(name, configs, scheduler, tokenizer_path or cfg.get("tokenizer"))
     stages = cfg.get("stages") or []
     if stages and "latents" not in str(cfg.get("data", {}).get("source", "")):
         res = int(stages[-1]["resolution"])
         config.sample.height = config.sample.width = res
-    config.checkpoint = dict(workdir=os.path.abspath(workdir), step=step, ema=bool(ema))
+    config.checkpoint = dict(workdir=workdir if storage.is_remote(workdir) else os.path.abspath(workdir), step=step,
+                             ema=bool(ema))
     return LoadedModel(config, params, tokenizer_path, workdir)

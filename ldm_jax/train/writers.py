@@ -1,8 +1,11 @@
-"""Metric writers: TensorBoard scalars/images (process 0 only) and the trainers' metrics log."""
+"""Metric writers: TensorBoard scalars/images (process 0 only; local or cloud logdirs) and the
+trainers' metrics log."""
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -29,17 +32,27 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
 
 
 class MetricWriter:
-    """Writes to ``logdir`` with tensorboardX on process 0 (no-op elsewhere or when unavailable)."""
+    """Writes to ``logdir`` with tensorboardX on process 0 (no-op elsewhere or when unavailable).
+
+    A cloud ``logdir`` (``gs://...``): the event files are written to a local directory and copied
+    into the bucket by :meth:`flush` and :meth:`close`, from the caller's thread (an event file is
+    an object uploaded whole, so readers always see complete records).
+    """
 
     def __init__(self, logdir: str | None):
-        self._tb = None
+        self._tb, self._remote, self._local = None, None, None
         if logdir and jax.process_index() == 0:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 logging.warning("tensorboardX not installed: no TensorBoard logs")
             else:
-                os.makedirs(logdir, exist_ok=True)
+                from ldm_jax import storage
+
+                if storage.is_remote(logdir):
+                    self._remote, self._local = logdir, tempfile.mkdtemp(prefix="ldm_jax_tb_")
+                    logdir = self._local
+                storage.makedirs(logdir)
                 self._tb = SummaryWriter(logdir)
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
@@ -54,11 +67,23 @@ class MetricWriter:
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
+            self._upload()
+
+    def _upload(self) -> None:
+        if self._remote is None:
+            return
+        from ldm_jax import storage
+
+        for name in os.listdir(self._local):
+            storage.copy_file(os.path.join(self._local, name), storage.join(self._remote, name))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._upload()
             self._tb = None
+            if self._local is not None:
+                shutil.rmtree(self._local, ignore_errors=True)
 
 
 class MetricsLog:
