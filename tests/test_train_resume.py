@@ -149,7 +149,8 @@ class _SigtermAt:
 
 def test_exact_resume_across_stage_change(full_run, tmp_path):
     full, full_hist = full_run
-    c = _run_config()
+    c = _run_config(prefetch=1)  # the signals are keyed to reading a batch: no read-ahead
+    # (resuming exactly with read-ahead: tests/test_pod_path.py, SIGTERM at every step)
     offsets = [0, 2]  # global step of each stage's first batch
 
     def source_fn(config, stage, rows):

@@ -18,10 +18,12 @@ def loop_config(**overrides) -> ml_collections.ConfigDict:
         keep_checkpoints=3,  # the most recent ones
         keep_every=0,  # also keep every step divisible by this forever (0: off)
         async_checkpoints=True,
+        preemption_check_every=10,  # multi-host: steps between agreeing on a SIGTERM (a collective)
         tensorboard=True,
         progress=True,
         preview_every=0,  # images to TensorBoard (EMA samples, reconstructions); 0: off
         preview_count=8,
+        prefetch=2,  # global batches on the devices ahead of the step (0 or 1: read when the step needs it)
         compilation_cache_dir="",  # persistent XLA cache: restarts (preemption, resume) skip compiling
         # XLA options of the jitted init and step: None for the backend's defaults (plus the CPU tuning
         # when the entry point opted in, ldm_jax.runtime); a dict for exactly these options, e.g.
@@ -33,6 +35,21 @@ def loop_config(**overrides) -> ml_collections.ConfigDict:
 
 
 LOOP_KEYS = frozenset(loop_config().keys()) - {"seed", "compiler_options"}  # keys that never change a compile
+
+
+def init_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.init``: released weights a run starts from (:mod:`ldm_jax.train.pretrained`)."""
+    c = ml_collections.ConfigDict(dict(
+        # a diffusers folder, a hub id, an original single-file checkpoint or an ldm_jax training workdir
+        # (local or gs://): diffusion takes its tokenizer, text encoder and VAE (architecture, weights,
+        # scaling factor) and its scheduler as the frozen models; the autoencoder task takes its VAE
+        pretrained="",
+        unet="random",  # "pretrained": the UNet (and its EMA) from `pretrained` too, to fine-tune it
+        allow_pickle=False,  # a pickled .ckpt/.bin source (unpickling runs code)
+        random_encoders=False,  # no `pretrained`: train against random frozen encoders on purpose (tests)
+    ))
+    c.update(overrides)
+    return c
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:

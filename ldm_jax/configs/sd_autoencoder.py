@@ -45,6 +45,7 @@ def get_config():
     # Images (captions unused): see ldm_jax.configs.common.data_config; image_size is the crop.
     c.data = common.data_config(source="folder", image_size=256, random_crop=True, random_flip=True, num_threads=8)
     c.lpips = dict(vgg_path="", lin_path="")
+    c.init = common.init_config()
     c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="", num_processes=0,
                                                    process_id=-1))
     return c

@@ -45,6 +45,7 @@ def get_config():
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict(dict(min_size=2 ** 14, rules=()))
     c.data = common.data_config()
+    c.init = common.init_config()
     c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="", num_processes=0,
                                                    process_id=-1))
     return c

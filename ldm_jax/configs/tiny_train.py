@@ -18,4 +18,6 @@ def get_config():
     # --config.data.cached_latents=DIR: train on `ldm-jax encode-dataset --image-size 16 --out DIR` output
     # (VAE moments + text context; the frozen encoders are skipped) instead of data.source.
     c.data.update(dict(source="synthetic", num_examples=64, num_classes=4))
+    # tests train against random encoders unless they pass --config.init.pretrained=DIR (a tiny diffusers folder)
+    c.init.random_encoders = True
     return c

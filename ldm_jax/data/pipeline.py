@@ -180,7 +180,8 @@ def make_iterator(source, *, bucketing: bool = False, **kwargs) -> DataIterator:
 
 
 class DevicePrefetchIterator:
-    """Keeps ``size`` batches on device ahead of the consumer; state stays exact.
+    """Keeps ``size`` batches on device ahead of the consumer (``size <= 1``: each batch is read when
+    the consumer asks for it); state stays exact.
 
     Numeric leaves become global ``jax.Array``s with ``sharding`` (built from this host's rows with
     ``jax.make_array_from_process_local_data``); string leaves (captions) stay numpy.
@@ -201,7 +202,7 @@ class DevicePrefetchIterator:
         return {k: put(v) for k, v in batch.items()}
 
     def _fill(self) -> None:
-        while len(self._queue) < self.size:
+        while len(self._queue) < max(self.size, 1):
             state = self.iterator.get_state()
             try:
                 batch = next(self.iterator)

@@ -381,7 +381,8 @@ def make_data_iterator(config, workdir: str | None = None, rows: tuple[int, int]
 
 
 class AutoencoderTask(loop.Task):
-    """The first stage: an autoencoder with the LDM loss, one stage of ``train.num_steps`` steps.
+    """The first stage: an autoencoder with the LDM loss, one stage of ``train.num_steps`` steps,
+    from scratch or from the VAE of ``config.init.pretrained`` (:mod:`ldm_jax.train.pretrained`).
 
     Args:
       config: an autoencoder config (``sd_autoencoder``).
@@ -394,10 +395,20 @@ class AutoencoderTask(loop.Task):
 
     def __init__(self, config, model: nn.Module | None = None, forward: ForwardFn | None = None):
         super().__init__(config)
-        self.model = model or build_autoencoder(config)
+        self.model, self._forward = model, forward
         self._extra_key = (model, forward)
-        self._step = make_train_step(config, self.model, forward)
+        self._pretrained = None
         self._reconstruct = None
+
+    def start(self):
+        if self._pretrained is not None:
+            return
+        from ldm_jax.train.pretrained import resolve_autoencoder
+
+        self._pretrained = resolve_autoencoder(self.config)
+        self.config = self._pretrained.config
+        self.model = self.model or build_autoencoder(self.config)
+        self._step = make_train_step(self.config, self.model, self._forward)
 
     def stages(self) -> list[Stage]:
         t = self.config.train
@@ -413,6 +424,13 @@ class AutoencoderTask(loop.Task):
 
     def step(self, state, batch, aux):
         return self._step(state, batch, aux)
+
+    def prepare_state(self, state, shardings):
+        vae = self._pretrained.vae
+        if vae is None:
+            return state
+        ae = jax.tree.map(lambda p, ref: np.asarray(p, ref.dtype), vae, state.params["ae"])
+        return state.replace(params=jax.device_put(dict(state.params, ae=ae), shardings.params))
 
     def prepare_aux(self, aux, shardings):
         lpips_params = load_lpips(self.config)

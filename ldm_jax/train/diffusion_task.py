@@ -54,10 +54,13 @@ __all__ = [
     "text_dropout",
     "encode_conditioning",
     "make_optimizer",
+    "make_training_inputs",
     "make_train_step",
     "create_train_state",
     "make_sampler",
     "get_stages",
+    "stage_cached_latents",
+    "check_cached_latents",
     "make_batch_source",
     "setup",
     "abstract_train_state",
@@ -173,7 +176,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 
 def get_stages(config) -> list[Stage]:
     """``config.stages`` (list of dicts with ``resolution``, ``steps``, ``batch_size``)."""
-    stages = [Stage(int(s["resolution"]), int(s["steps"]), int(s["batch_size"])) for s in config.stages]
+    stages = [Stage(int(s["resolution"]), int(s["steps"]), int(s["batch_size"]), i) for i, s in enumerate(config.stages)]
     if not stages or any(s.steps <= 0 or s.batch_size <= 0 or s.resolution <= 0 for s in stages):
         raise ValueError(f"config.stages needs >= 1 stage with positive resolution/steps/batch_size: {stages}")
     return stages
@@ -193,34 +196,18 @@ def _latent_factor(config) -> int:
     return 2 ** (len(config.vae.block_out_channels) - 1)
 
 
-def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
-    """Pure ``train_step(state, batch, frozen) -> (state, metrics)``.
-
-    ``batch``: ``image [B,H,W,3]`` in [-1, 1] (or ``latents [B,h,w,C]``, or cached VAE ``moments
-    [B,h,w,2C]``) and ``input_ids [B,77]`` (or cached text-encoder ``context [B,77,D]``).
-    ``frozen``: ``{"text": params, "vae": params or None, "empty_ids": int32 [77]}``.
-    ``metrics``: scalars ``loss, grad_norm, lr, ema_decay, skipped, skipped_steps, text_dropped``.
-    ``schedule``: the optimizer's learning-rate schedule (for the ``lr`` metric).
-    """
-    t = config.train
+def make_training_inputs(config, models: DiffusionModels) -> Callable:
+    """Pure ``inputs(batch, frozen, key) -> (x_t, timesteps, context, target, weights, dropped)``: what one
+    training step feeds the UNet and compares its output with (see the module docstring), drawn
+    from ``key`` (a step's key: ``fold_in(state.rng, state.step)``)."""
     prediction_type(config)  # a bad one fails here, before tracing
-    gamma = float(t.min_snr_gamma)
-    accum = int(t.grad_accum_steps)
-    rate = float(t.text_dropout)
-    decay, ema_warmup = float(t.ema_decay), bool(t.ema_warmup)
-    stages = get_stages(config)
-    unet, text_encoder, vae = models
+    gamma = float(config.train.min_snr_gamma)
+    rate = float(config.train.text_dropout)
+    _, text_encoder, vae = models
     scale = _scaling_factor(config)
 
-    def loss_fn(params, x_t, timesteps, context, target, weights):
-        pred = unet.apply({"params": params}, x_t, timesteps, context).astype(jnp.float32)
-        per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
-        return jnp.mean(weights * per_example)
-
-    def train_step(state: TrainState, batch: Mapping[str, Array], frozen: Mapping[str, Any]):
+    def inputs(batch: Mapping[str, Array], frozen: Mapping[str, Any], key: Array):
         process = noise_schedule(config)  # its arrays are constants of this trace
-        key = jax.random.fold_in(state.rng, state.step)
         k_drop, k_post, k_t, k_eps = jax.random.split(key, 4)
         if "latents" in batch:
             x0 = batch["latents"].astype(jnp.float32)
@@ -246,7 +233,37 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
         x_t = add_noise(process, x0, eps, timesteps)
         target = training_target(process, x0, eps, timesteps)
         weights = min_snr_weights(process, timesteps, gamma)
+        return x_t, timesteps, context, target, weights, dropped
 
+    return inputs
+
+
+def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+    """Pure ``train_step(state, batch, frozen) -> (state, metrics)``.
+
+    ``batch``: ``image [B,H,W,3]`` in [-1, 1] (or ``latents [B,h,w,C]``, or cached VAE ``moments
+    [B,h,w,2C]``) and ``input_ids [B,77]`` (or cached text-encoder ``context [B,77,D]``).
+    ``frozen``: ``{"text": params, "vae": params or None, "empty_ids": int32 [77]}``.
+    ``metrics``: scalars ``loss, grad_norm, lr, ema_decay, skipped, skipped_steps, text_dropped``.
+    ``schedule``: the optimizer's learning-rate schedule (for the ``lr`` metric).
+    """
+    t = config.train
+    accum = int(t.grad_accum_steps)
+    decay, ema_warmup = float(t.ema_decay), bool(t.ema_warmup)
+    stages = get_stages(config)
+    unet = models.unet
+    training_inputs = make_training_inputs(config, models)
+
+    def loss_fn(params, x_t, timesteps, context, target, weights):
+        pred = unet.apply({"params": params}, x_t, timesteps, context).astype(jnp.float32)
+        per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+        return jnp.mean(weights * per_example)
+
+    def train_step(state: TrainState, batch: Mapping[str, Array], frozen: Mapping[str, Any]):
+        key = jax.random.fold_in(state.rng, state.step)
+        x_t, timesteps, context, target, weights, dropped = training_inputs(batch, frozen, key)
+        b = x_t.shape[0]
         inputs = (x_t, timesteps, context.astype(unet.dtype), target, weights)
         if accum == 1:
             loss, grads = jax.value_and_grad(loss_fn)(state.params, *inputs)
@@ -347,19 +364,63 @@ def make_sampler(config, models: DiffusionModels, num_steps: int = 20, guidance_
     return sample
 
 
+def stage_cached_latents(config, stage: Stage) -> str:
+    """The cached latents of ``stage``: ``config.data.cached_latents`` names one folder for every stage,
+    or one per stage, comma-separated (``gs://b/lat256,gs://b/lat512``); "" when not set."""
+    caches = [c.strip() for c in str(config.data.cached_latents).split(",") if c.strip()]
+    if len(caches) > 1 and len(caches) != len(config.stages):
+        raise ValueError(f"config.data.cached_latents names {len(caches)} folders for {len(config.stages)} stages "
+                         f"(give one for every stage, or one per stage)")
+    return caches[stage.index] if len(caches) > 1 else (caches[0] if caches else "")
+
+
+def check_cached_latents(config) -> None:
+    """Every stage's cached latents exist, are complete and were encoded at the stage's resolution:
+    checked when a run starts (reading metadata only), not when the stage is reached."""
+    from ldm_jax.data.latents import read_cache_metadata
+
+    for stage in get_stages(config):
+        cache = stage_cached_latents(config, stage)
+        if not cache:
+            continue
+        try:
+            size = int(read_cache_metadata(cache)["image_size"])
+        except (ValueError, OSError) as e:
+            raise ValueError(f"config.data.cached_latents for stage {stage.index} ({stage.resolution} px): "
+                             f"{e}") from None
+        if size != stage.resolution:
+            raise ValueError(f"config.data.cached_latents {cache!r} was encoded at {size} px; stage {stage.index} "
+                             f"trains at {stage.resolution} px (name one folder per stage, comma-separated)")
+
+
 def make_batch_source(config, stage: Stage, rows: tuple[int, int], workdir: str | None = None) -> Iterator[dict]:
     """This process's rows ``[start, stop)`` of each global batch of ``stage``
-    (:func:`ldm_jax.data.batches.make_batches` of ``config.data``; captions tokenized with
-    ``config.tokenizer``)."""
+    (:func:`ldm_jax.data.batches.make_batches` of ``config.data`` with the stage's cached latents;
+    captions tokenized with ``config.tokenizer``)."""
+    data = config.data.copy_and_resolve_references()
+    data.cached_latents = stage_cached_latents(config, stage)
     tokenizer = None
-    if config.tokenizer and not (config.data.cached_latents or config.data.source in ("synthetic", "synthetic_latents")):
+    if config.tokenizer and not (data.cached_latents or data.source in ("synthetic", "synthetic_latents")):
         from ldm_jax.models.tokenizer import PromptTokenizer
 
         tokenizer = PromptTokenizer.from_pretrained(config.tokenizer)
-    return make_batches(config.data, global_batch_size=stage.batch_size, image_size=stage.resolution, rows=rows,
+    return make_batches(data, global_batch_size=stage.batch_size, image_size=stage.resolution, rows=rows,
                         tokenizer=tokenizer, text_length=_text_length(config),
                         vocab_size=config.text_encoder.vocab_size, latent_channels=config.unet.in_channels,
                         workdir=workdir)
+
+
+def _cast_like(params, like):
+    """``params`` (numpy, any float dtype) as ``like``'s dtypes; ValueError naming a leaf whose shape differs."""
+    def cast(path, p, ref):
+        if tuple(np.shape(p)) != tuple(ref.shape):
+            raise ValueError(f"pretrained UNet parameter {jax.tree_util.keystr(path)} has shape {np.shape(p)}; "
+                             f"the config's UNet has {ref.shape}")
+        return np.asarray(p, ref.dtype)
+
+    if jax.tree.structure(params) != jax.tree.structure(like):
+        raise ValueError("the pretrained UNet's parameters do not match config.unet's tree")
+    return jax.tree_util.tree_map_with_path(cast, params, like)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,9 +430,13 @@ def make_batch_source(config, stage: Stage, rows: tuple[int, int], workdir: str 
 class DiffusionTask(loop.Task):
     """The text-conditioned UNet trained on latents of frozen encoders.
 
+    The frozen encoders come from ``config.init.pretrained`` (:mod:`ldm_jax.train.pretrained`:
+    the source's tokenizer, text encoder, VAE and scheduler; with ``init.unet="pretrained"`` its UNet
+    too), or from ``frozen``; random ones only with ``init.random_encoders=True``.
+
     Args:
       config: a diffusion training config (``sd_v1_train``).
-      frozen: pretrained frozen ``{"text": params, "vae": params}``; random when omitted (tests).
+      frozen: in-memory frozen ``{"text": params, "vae": params}`` (instead of ``init.pretrained``).
       models: prebuilt :class:`DiffusionModels` (default :func:`build_models`).
       batch_source_fn: ``(config, stage, rows) -> iterator`` (default :func:`make_batch_source`).
     """
@@ -382,11 +447,28 @@ class DiffusionTask(loop.Task):
                  batch_source_fn: Callable[[Any, Stage, tuple[int, int]], Iterator] | None = None):
         super().__init__(config)
         self.frozen, self.batch_source_fn = frozen, batch_source_fn
-        self.models = models or build_models(config)
-        self._models_given = models is not None
-        self.tx, self.lr_schedule = make_optimizer(config)
-        self._step = make_train_step(config, self.models, self.tx, self.lr_schedule)
+        self.models, self._models_given = models, models is not None
+        self._pretrained = None
         self._preview = None
+
+    def start(self):
+        if self._pretrained is not None:
+            return
+        if self.frozen is not None:  # the caller's own frozen encoders
+            from ldm_jax.train.pretrained import Pretrained, check_compatible
+
+            check_compatible(self.config)
+            self._pretrained = Pretrained(self.config)
+        else:
+            from ldm_jax.train.pretrained import resolve_diffusion
+
+            self._pretrained = resolve_diffusion(self.config)
+            self.config = self._pretrained.config
+            self.frozen = self._pretrained.frozen
+        check_cached_latents(self.config)
+        self.models = self.models or build_models(self.config)
+        self.tx, self.lr_schedule = make_optimizer(self.config)
+        self._step = make_train_step(self.config, self.models, self.tx, self.lr_schedule)
 
     def stages(self) -> list[Stage]:
         return get_stages(self.config)
@@ -412,6 +494,13 @@ class DiffusionTask(loop.Task):
         merged = dict(aux)
         merged.update({k: v for k, v in self.frozen.items() if v is not None})
         return jax.device_put(merged, shardings)
+
+    def prepare_state(self, state, shardings):
+        p = self._pretrained
+        if p is None or p.unet is None:
+            return state
+        return state.replace(params=jax.device_put(_cast_like(p.unet, state.params), shardings.params),
+                             ema_params=jax.device_put(_cast_like(p.unet_ema, state.ema_params), shardings.ema_params))
 
     def batches(self, stage, rows, workdir):
         if self.batch_source_fn is not None:

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from ldm_jax.configs.common import LOOP_KEYS
 from ldm_jax.runtime import enable_compilation_cache, jit_compiler_options
 from ldm_jax.train import checkpoint as ckpt_lib
+from ldm_jax.data.pipeline import DevicePrefetchIterator
 from ldm_jax.train import distributed, sharding
 from ldm_jax.train import workdir as workdir_lib
 from ldm_jax.train.writers import MetricsLog, MetricWriter
@@ -43,11 +44,13 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A stage of training: ``steps`` steps of global batch ``batch_size`` at ``resolution`` px."""
+    """A stage of training: ``steps`` steps of global batch ``batch_size`` at ``resolution`` px; ``index``
+    is its place in the run's stages."""
 
     resolution: int
     steps: int
     batch_size: int
+    index: int = 0
 
 
 def stage_index(stages: Sequence[Stage], step: int | Array) -> int | Array:
@@ -65,7 +68,7 @@ class Task:
 
     ``config`` is the run's ConfigDict; ``name`` labels the progress bar; ``progress_keys`` are
     metrics shown next to the loss on the progress bar. A task's constructor must not run JAX
-    computations: the loop starts ``jax.distributed`` first.
+    computations: the loop starts ``jax.distributed`` first, then calls :meth:`start`.
     """
 
     name = "task"
@@ -73,6 +76,10 @@ class Task:
 
     def __init__(self, config):
         self.config = config
+
+    def start(self) -> None:
+        """Called once before anything is built (after ``jax.distributed`` starts): load what the
+        task starts from, resolve ``self.config``. Must be idempotent."""
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
@@ -114,6 +121,11 @@ class Task:
     def prepare_aux(self, aux, shardings) -> Any:
         """The aux the steps use, from the random one of :meth:`init` (e.g. pretrained weights in)."""
         return aux
+
+    def prepare_state(self, state, shardings) -> Any:
+        """The state a fresh run starts from, from the random one of :meth:`init` (e.g. pretrained
+        weights to fine-tune); a resumed run restores its checkpoint instead."""
+        return state
 
     def write_workdir(self, workdir: str, aux) -> None:
         """Model files beside the checkpoints (called on every process; see :mod:`ldm_jax.train.workdir`)."""
@@ -192,14 +204,17 @@ def _programs(task: Task, mesh: Mesh) -> _Programs:
 def abstract_state(task: Task, mesh: Mesh) -> Any:
     """The task's train state as ``ShapeDtypeStruct`` leaves with their shardings on ``mesh`` (e.g. to
     restore a checkpoint onto another mesh), without creating anything."""
+    task.start()
     return _programs(task, mesh).abstract_state
 
 
 def setup(task: Task, mesh: Mesh) -> Setup:
     """The initial state (seed ``config.train.seed``) and aux, sharded on ``mesh``, and the jitted
     step; both programs are compiled once per process for the same task configuration and mesh."""
+    task.start()
     p = _programs(task, mesh)
     state, aux = p.init_fn(p.key)
+    state = task.prepare_state(state, p.state_shardings)
     aux = task.prepare_aux(aux, p.aux_shardings)
     return Setup(task, mesh, state, aux, p.state_shardings, p.aux_shardings, p.step_fn)
 
@@ -227,7 +242,11 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
     if t.compilation_cache_dir:
         enable_compilation_cache(t.compilation_cache_dir)
     mesh = sharding.make_mesh(dict(config.mesh), devices)
+    task.start()
+    config = task.config  # as resolved by the task's start (e.g. the pretrained networks)
     stages = task.stages()
+    for stage in stages:  # every stage's batch splits over the mesh: checked before anything is written
+        sharding.local_batch_rows(mesh, stage.batch_size)
     total = sum(s.steps for s in stages)
     ts = setup(task, mesh)
     workdir_lib.write_config(workdir, config)
@@ -248,7 +267,7 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
     current, source = None, None
     metrics_log = MetricsLog(rate_in_history=True)
     try:
-        with ckpt_lib.PreemptionGuard() as guard:
+        with ckpt_lib.PreemptionGuard(check_every=int(t.preemption_check_every)) as guard:
             while step < total:
                 idx = stage_index(stages, step)
                 stage = stages[idx]
@@ -258,10 +277,13 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
                     saved = data_states.get(str(idx))
                     if saved is not None:
                         source.set_state(saved[jax.process_index()])
+                    # the next batches go to the devices while this step runs; the saved position is
+                    # the one before the next batch the step consumes (no batch lost or repeated)
+                    source = DevicePrefetchIterator(source, sharding.batch_sharding(mesh), int(t.prefetch))
                     current = idx
                     logging.info("%s stage %d: %d px, batch %d, steps %d..%d", task.name, idx, stage.resolution,
                                  stage.batch_size, step, sum(s.steps for s in stages[:idx + 1]))
-                batch = sharding.make_global_batch(mesh, next(source), stage.batch_size)
+                batch = next(source)
                 state, metrics = ts.step_fn(state, batch, ts.aux)
                 step += 1
                 metrics_log.add(step, metrics, stage.batch_size)
@@ -270,6 +292,7 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
                     m = metrics_log.flush()
                     m["stage"] = idx
                     writer.scalars(step, {k: v for k, v in m.items() if k != "step"})
+                    writer.flush()
                     bar.set_postfix(loss=f"{m['loss']:.4g}", img_s=f"{m['images_per_s']:.1f}",
                                     **{k: f"{m[k]:.4g}" for k in task.progress_keys}, stage=idx)
                 if preview_every and step % preview_every == 0:
