@@ -333,3 +333,66 @@ def test_distributed_module_cli_errors():
     out = subprocess.run([sys.executable, "-m", "ldm_jax.train.distributed"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "no ldm-jax command" in out.stderr
+
+
+# ------------------------------------------------------------------------------------- README commands
+
+def _readme_commands(section):
+    """The shell commands of the README's code block under ``section`` (continuations joined)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split(f"## {section}", 1)[1].split("```", 2)[1]
+    joined = re.sub(r"\\\n\s*", "", block)
+    return [c for c in (shlex.split(ln, comments=True) for ln in joined.splitlines()) if c]
+
+
+def _train_config(argv):
+    """The config an ``ldm-jax train ...`` command line builds (parsed as the CLI parses it)."""
+    from ldm_jax.cli import _split_overrides, build_parser
+    from ldm_jax.config_utils import load_config
+
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    assert args.command == "train"
+    return load_config(args.config, overrides), args.workdir
+
+
+def test_readme_pod_and_cluster_commands_start_the_training_they_describe(tmp_path):
+    """Each launch command of the README's pod section, run against stand-ins for gcloud and srun (and
+    local.sh dry), reaches the workers as an ``ldm-jax train`` command whose config loads and keeps the
+    README's pretrained source, workdir and per-stage latent caches."""
+    cmds = {}
+    for c in _readme_commands("Training on a pod or a cluster"):
+        cmds.setdefault(c[0], []).append(c)
+    assert {"launch/tpu_pod.sh", "sbatch", "launch/local.sh", "ldm-jax"} <= set(cmds), list(cmds)
+
+    (tmp_path / "tpu").mkdir()
+    env, log = fake_tool(tmp_path / "tpu", "gcloud")
+    for tpu in cmds["launch/tpu_pod.sh"]:  # up, then stop
+        sh(tpu[0], *tpu[1:], env=env)
+    (train,) = [c["argv"][-1] for c in calls(log) if "ldm-jax train" in c["argv"][-1]]
+    argv = shlex.split(train.split("nohup ", 1)[1].split(" > ", 1)[0])
+    config, workdir = _train_config(argv[1:])
+    assert workdir == "gs://my-bucket/runs/sd" and config.distributed.enabled
+    assert config.init.pretrained == "gs://my-bucket/models/sd-v1-5" and config.mesh.fsdp == 4
+    assert len(config.data.cached_latents.split(",")) == len(config.stages) == 2
+
+    (sbatch,) = cmds["sbatch"]
+    script = next(i for i, a in enumerate(sbatch) if a.endswith(".sbatch"))
+    job = {k.lstrip("-").replace("-", "_"): v for k, v in (a.split("=", 1) for a in sbatch[1:script])}
+    (tmp_path / "slurm").mkdir()
+    env, log = fake_tool(tmp_path / "slurm", "srun")
+    env.update(SLURM_JOB_ID="1", SLURM_JOB_NUM_NODES=job["nodes"], SLURM_GPUS_ON_NODE=job["gpus_per_node"])
+    sh(sbatch[script], *sbatch[script + 1:], env=env)
+    (srun,) = [c["argv"] for c in calls(log)]
+    assert f"--nodes={job['nodes']}" in srun and f"--ntasks-per-node={job['ntasks_per_node']}" in srun
+    config, workdir = _train_config(srun[srun.index("ldm-jax") + 1:])
+    assert config.init.pretrained == "/shared/models/sd-v1-5" and workdir == "/shared/runs/sd"
+
+    (local,) = cmds["launch/local.sh"]
+    dry = lines(sh(local[0], "--dry-run", *local[1:]))
+    assert len(dry) == 2  # --nproc 2
+    for cmd in dry:
+        argv = cmd[cmd.index("train"):]
+        argv = argv[:argv.index(">")] if ">" in argv else argv
+        config, workdir = _train_config(argv)
+        assert config.init.pretrained and workdir.startswith("gs://")
