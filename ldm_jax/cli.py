@@ -84,7 +84,7 @@ def cmd_bench(args, overrides) -> None:
 def cmd_demo(args, overrides) -> None:
     from ldm_jax.examples.shapes_demo import run_demo
 
-    run_demo(out_dir=args.out, config_path=args.config, overrides=overrides, rebuild=args.rebuild)
+    run_demo(out_dir=args.out, config_path=args.config, overrides=overrides, rebuild=args.rebuild, seed=args.seed)
 
 
 def cmd_eval(args) -> None:
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--config", default=None)
     d.add_argument("--rebuild", action="store_true", help="redo every stage instead of reusing outputs")
+    d.add_argument("--seed", type=int, default=None,
+                   help="seeds the whole run: dataset, initialisations, data order, sampling (default: the config's)")
     e = sub.add_parser("eval", help="SD protocol: FID and CLIP score over guidance scales; metrics.json + plot")
     e.add_argument("--model", required=True, help="diffusers folder, hub id, single-file checkpoint or training workdir")
     e.add_argument("--captions", required=True, help=".txt (one caption per line) or .jsonl ({\"caption\": ...})")

@@ -8,6 +8,10 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.time_budget_s = 1200  # the whole run on the 2-core CPU machine; metrics.json records whether it fit
+    # The reference machine's autoencoder rate and the time of everything after that stage (measured:
+    # docs/demo.md); after the autoencoder, the demo projects its total from them and says at once when
+    # the run will overshoot the budget.
+    c.time_reference = dict(autoencoder_steps_per_s=11.6, after_autoencoder_s=960.0)
     # One shape per scene: the evaluation reads one shape's attributes. Shapes drawn 1.15x the default
     # size: at 32 px a small default shape is ~5 px across, which the f=4 autoencoder (one latent per
     # 4x4 pixels) blurs into a blob of the wrong shape.
@@ -28,9 +32,12 @@ def get_config():
                        min_snr_gamma=5.0, ynn_fusions=(), cached_latents=True)
     c.sample = dict(steps=25, sampler="ddim", guidance_scales=(1.0, 3.0, 7.5), num_prompts=8)
     # Attribute classifier trained on real images reads generated ones; the bar of `make demo`.
-    c.eval = dict(num_prompts=64, batch_size=32, classifier_images=4000, classifier_steps=1800,
-                  classifier_batch_size=64, ynn_fusions=("dot", "eltwise", "reduce"), target_seen=0.9,
-                  target_heldout=0.7)
+    # 256 prompts per split and guidance: a standard error of ~0.015-0.03 on each figure. The bar, at the
+    # best guidance >= 3: the mean attribute accuracy and the worst attribute's (shape, in practice) on
+    # seen prompts and on held-out (shape, colour) pairs, and the mean above guidance 1's.
+    c.eval = dict(num_prompts=256, batch_size=128, classifier_images=4000, classifier_steps=1800,
+                  classifier_batch_size=64, ynn_fusions=("dot", "eltwise", "reduce"),
+                  targets=dict(seen_mean=0.92, seen_worst=0.8, heldout_mean=0.78, heldout_worst=0.65))
     c.word_vocab = True  # one token per caption word (see caption_words)
     c.auto_scaling_factor = True  # SD's 1/std of the latents, measured after the autoencoder stage
     c.unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
