@@ -37,7 +37,7 @@ setup(
             "nbclient",
             "ipykernel",
             "nbformat",
-            "gcp-storage-emulator",  # a GCS API server on loopback for the cloud-storage tests
+            "gcp-storage-emulator==2026.7.19",  # a GCS API server on loopback; tests/gcs_emulator.py patches it
         ],
     },
     entry_points={"console_scripts": ["ldm-jax=ldm_jax.cli:run"]},
