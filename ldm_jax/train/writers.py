@@ -35,12 +35,14 @@ class MetricWriter:
     """Writes to ``logdir`` with tensorboardX on process 0 (no-op elsewhere or when unavailable).
 
     A cloud ``logdir`` (``gs://...``): the event files are written to a local directory and copied
-    into the bucket by :meth:`flush` and :meth:`close`, from the caller's thread (an event file is
-    an object uploaded whole, so readers always see complete records).
+    into the bucket by :meth:`flush` (at most once every ``upload_every_s`` seconds: each copy
+    uploads a whole, growing event file from the training thread) and by :meth:`close`; an event file
+    is an object uploaded whole, so readers always see complete records.
     """
 
-    def __init__(self, logdir: str | None):
+    def __init__(self, logdir: str | None, upload_every_s: float = 60.0):
         self._tb, self._remote, self._local = None, None, None
+        self._upload_every_s, self._uploaded_at = float(upload_every_s), time.monotonic()
         if logdir and jax.process_index() == 0:
             try:
                 from tensorboardX import SummaryWriter
@@ -67,7 +69,8 @@ class MetricWriter:
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
-            self._upload()
+            if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+                self._upload()
 
     def _upload(self) -> None:
         if self._remote is None:
@@ -76,6 +79,7 @@ class MetricWriter:
 
         for name in os.listdir(self._local):
             storage.copy_file(os.path.join(self._local, name), storage.join(self._remote, name))
+        self._uploaded_at = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:
