@@ -52,6 +52,7 @@ def autoencoder_train_config(cfg, out_dir: str):
     ae_cfg.vae = ConfigDict(dict(cfg.vae))
     ae_cfg.loss.perceptual_weight = 0.0
     ae_cfg.loss.pixel_loss = a.pixel_loss
+    ae_cfg.loss.edge_weight = float(a.edge_weight)
     ae_cfg.loss.disc_start = 10 ** 9
     ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.b1, b2=a.b2, decay_steps=_decay_steps(a))
     ae_cfg.train.update(num_steps=int(a.steps), batch_size=int(a.batch_size), seed=int(cfg.seed), log_every=20,
@@ -121,7 +122,8 @@ def _pretrain_text_encoder(cfg, tokenizer, text_model, out_dir, log):
     from ldm_jax.examples.shapes_demo.attributes import labels_from_examples
     from ldm_jax.examples.shapes_demo.text_pretrain import pooled_features, pretrain_text_encoder, probe_accuracy
 
-    params = text_model.init(jax.random.key(cfg.seed + 3), jnp.zeros((1, 77), jnp.int32))["params"]
+    length = int(cfg.text_encoder.max_position_embeddings)
+    params = text_model.init(jax.random.key(cfg.seed + 3), jnp.zeros((1, length), jnp.int32))["params"]
     tp = cfg.text_pretrain
     if int(tp.steps) <= 0:
         return params, {}
@@ -470,7 +472,8 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
         print(f"[demo] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
     tokenizer = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(
-        os.path.join(out_dir, "tokenizer"), words=caption_words(cfg) if cfg.word_vocab else None))
+        os.path.join(out_dir, "tokenizer"), words=caption_words(cfg) if cfg.word_vocab else None,
+        model_max_length=int(cfg.text_encoder.max_position_embeddings)))
     latent = int(cfg.vae.latent_channels)  # the UNet denoises the autoencoder's latents
     cfg.unet.update(in_channels=latent, out_channels=latent)
     cfg.text_encoder.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
