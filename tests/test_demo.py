@@ -39,7 +39,8 @@ def test_demo_end_to_end_tiny(tmp_path):
     # the tokenizer pads to the text encoder's positions (the config's, not CLIP's 77)
     from ldm_jax.models.tokenizer import PromptTokenizer
 
-    assert np.asarray(PromptTokenizer.from_pretrained(os.path.join(out, "tokenizer"))(["a red circle"])).shape == (1, 32)
+    tokenizer = PromptTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    assert np.asarray(tokenizer(["a red circle"])).shape == (1, 32)
     # a second run reuses the trained autoencoder and the diffusion checkpoint
     again = run_demo(out, overrides=overrides)
     assert again["stages"]["autoencoder_s"] < metrics["stages"]["autoencoder_s"]
@@ -93,27 +94,25 @@ def test_demo_latent_cache_follows_the_encoders(tmp_path):
 
     from ldm_jax.config_utils import load_config
     from ldm_jax.data.latents import CachedLatentsSource
-    from ldm_jax.examples.shapes_demo.demo import CONFIG, _cache_latents, caption_words
+    from ldm_jax.examples.shapes_demo.demo import CONFIG, _cache_latents, demo_tokenizer
     from ldm_jax.models.autoencoder import AutoencoderKL
     from ldm_jax.models.clip_text import CLIPTextModel
-    from ldm_jax.models.tokenizer import PromptTokenizer
-    from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
 
     out = str(tmp_path)
     cfg = load_config(CONFIG, ["--config.data.num_train=40", "--config.data.num_validation=4",
                                 "--config.data.num_heldout=4"])
-    tok = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(os.path.join(out, "tokenizer"),
-                                                                    words=caption_words(cfg, 200)))
+    tok = demo_tokenizer(cfg, out, num_captions=200)
+    length = int(cfg.text_encoder.max_position_embeddings)  # the demo's 32, not CLIP's 77
     cfg.text_encoder.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vae, text = AutoencoderKL(**dict(cfg.vae)), CLIPTextModel(**dict(cfg.text_encoder))
     x = np.zeros((1, 32, 32, 3), np.float32)
     vae_params = vae.init(jax.random.key(0), x)["params"]
-    text_params = text.init(jax.random.key(1), np.zeros((1, 77), np.int32))["params"]
+    text_params = text.init(jax.random.key(1), np.zeros((1, length), np.int32))["params"]
 
     path = _cache_latents(cfg, tok, vae_params, text_params, out)
     src = CachedLatentsSource(path)
-    assert len(src) == 40 and src[0]["moments"].shape == (8, 8, 8) and src[0]["context"].shape == (77, 64)
+    assert len(src) == 40 and src[0]["moments"].shape == (8, 8, 8) and src[0]["context"].shape == (length, 64)
     first = np.stack([src[i]["moments"] for i in range(4)])
     files = sorted(glob.glob(os.path.join(path, "*.array_record")))
     stamp = [os.path.getmtime(f) for f in files]

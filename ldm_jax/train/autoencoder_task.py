@@ -111,8 +111,12 @@ def edge_loss(x: Array, rec: Array, pixel_loss: Callable[[Array], Array] = jnp.s
     differences ([B,H,W,C], zero on the last row/column): large where an edge is missing or misplaced.
     A from-scratch autoencoder on small objects (the CPU demo) reconstructs the flat background and
     the colour long before the outline; this term weighs the outline directly."""
-    dx = lambda a: jnp.pad(a[:, :, 1:] - a[:, :, :-1], ((0, 0), (0, 0), (0, 1), (0, 0))).astype(jnp.float32)  # noqa: E731
-    dy = lambda a: jnp.pad(a[:, 1:] - a[:, :-1], ((0, 0), (0, 1), (0, 0), (0, 0))).astype(jnp.float32)  # noqa: E731
+    def dx(a):
+        return jnp.pad(a[:, :, 1:] - a[:, :, :-1], ((0, 0), (0, 0), (0, 1), (0, 0))).astype(jnp.float32)
+
+    def dy(a):
+        return jnp.pad(a[:, 1:] - a[:, :-1], ((0, 0), (0, 1), (0, 0), (0, 0))).astype(jnp.float32)
+
     return pixel_loss(dx(x) - dx(rec)) + pixel_loss(dy(x) - dy(rec))
 
 

@@ -256,6 +256,19 @@ def caption_words(cfg, num: int = 3000) -> list[str]:
     return sorted(words)
 
 
+def demo_tokenizer(cfg, out_dir: str, num_captions: int = 3000):
+    """The demo's tokenizer, written to ``out_dir/tokenizer``: one token per caption word
+    (``cfg.word_vocab``, see :func:`caption_words` over ``num_captions`` per split), padded and
+    truncated to the text encoder's ``max_position_embeddings``."""
+    from ldm_jax.models.tokenizer import PromptTokenizer
+    from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
+
+    words = caption_words(cfg, num_captions) if cfg.word_vocab else None
+    length = int(cfg.text_encoder.max_position_embeddings)
+    return PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(os.path.join(out_dir, "tokenizer"), words=words,
+                                                                     model_max_length=length))
+
+
 def latent_scale(vae_config, vae_params, images: np.ndarray, batch_size: int = 128) -> float:
     """SD's ``scaling_factor``: 1 / std of the encoder's posterior means over ``images`` [N,H,W,3] in [-1,1]."""
     from ldm_jax.models.autoencoder import AutoencoderKL
@@ -451,12 +464,9 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     order, the text dropout and the sampling noise."""
     import shutil
 
-    from ldm_jax.config_utils import load_config
     from ldm_jax.models.clip_text import CLIPTextModel
-    from ldm_jax.models.tokenizer import PromptTokenizer
     from ldm_jax.pipeline import StableDiffusionPipeline
     from ldm_jax.runtime import enable_compilation_cache
-    from ldm_jax.tiny_tokenizer import write_tiny_clip_tokenizer
 
     t_start = time.time()
     enable_compilation_cache()  # a re-run (stages reused) skips the compiles too
@@ -471,9 +481,7 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
     def log(name, metrics):
         print(f"[demo] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
-    tokenizer = PromptTokenizer.from_pretrained(write_tiny_clip_tokenizer(
-        os.path.join(out_dir, "tokenizer"), words=caption_words(cfg) if cfg.word_vocab else None,
-        model_max_length=int(cfg.text_encoder.max_position_embeddings)))
+    tokenizer = demo_tokenizer(cfg, out_dir)
     latent = int(cfg.vae.latent_channels)  # the UNet denoises the autoencoder's latents
     cfg.unet.update(in_channels=latent, out_channels=latent)
     cfg.text_encoder.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
