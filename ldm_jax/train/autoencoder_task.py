@@ -3,6 +3,7 @@
 The loss is LDM's ``LPIPSWithDiscriminator`` (KL models) / taming's ``VQLPIPSWithDiscriminator``:
 
   rec   = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec)                      (per pixel)
+          (+ edge_weight * the same pixel loss of the finite-difference error: :func:`edge_loss`)
   nll   = sum(rec / exp(logvar) + logvar) / B        (KL; ``vq``: mean(rec), no logvar)
   g     = -mean D(x_rec)
   d_w   = clip(||dnll/dL|| / (||dg/dL|| + 1e-4), 0, 1e4) * disc_weight      (L: decoder's last conv)
@@ -117,7 +118,8 @@ def edge_loss(x: Array, rec: Array, pixel_loss: Callable[[Array], Array] = jnp.s
     def dy(a):
         return jnp.pad(a[:, 1:] - a[:, :-1], ((0, 0), (0, 1), (0, 0), (0, 0))).astype(jnp.float32)
 
-    return pixel_loss(dx(x) - dx(rec)) + pixel_loss(dy(x) - dy(rec))
+    err = x - rec  # differences are linear: dx(x) - dx(rec) == dx(x - rec)
+    return pixel_loss(dx(err)) + pixel_loss(dy(err))
 
 
 def adopt_weight(weight: float, step: Array, threshold: int, value: float = 0.0) -> Array:
