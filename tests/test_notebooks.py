@@ -109,7 +109,10 @@ def test_train_notebook(tmp_path):
     check_clean(nb)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["samples"]) == {"train", "heldout"}
-    # data grid, loss plot, 2 splits x (real + 3 guidance scales), own prompts
-    assert images_shown(nb) == 1 + 1 + 2 * 4 + 1
+    # data grid, loss plot, 2 splits x (real + one grid per guidance scale of the recipe), own prompts
+    from ldm_jax.examples.shapes_demo.config import get_config
+
+    num_guidance = len(get_config().sample.guidance_scales)
+    assert images_shown(nb) == 1 + 1 + 2 * (1 + num_guidance) + 1
     text = text_of(nb)
     assert "seconds per stage" in text and "demo bar passed" in text and "diffusion loss: first logged" in text
