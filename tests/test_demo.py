@@ -32,6 +32,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert 0.1 < saved["scaling_factor"] < 100
     assert metrics["diffusion_loss_last"] < metrics["diffusion_loss_first"]
     assert 0.0 <= saved["autoencoder_roundtrip_accuracy"]["mean"] <= 1.0
+    assert saved["latent_shape_signal"] > 0.0
     assert {"color", "shape", "position", "mean"} <= set(saved["classifier_real_accuracy"])
     assert os.path.isdir(os.path.join(out, "autoencoder", "checkpoints"))  # the AE stage resumes after a crash
     probe = saved["text_encoder"]["heldout_probe_accuracy"]  # the pretrained frozen text encoder
@@ -132,6 +133,33 @@ def test_demo_latent_cache_follows_the_encoders(tmp_path):
     image = by_caption[str(rec["caption"])][None].astype(np.float32) / 127.5 - 1.0
     post = vae.apply({"params": other}, image, method=vae.encode)
     np.testing.assert_allclose(rec["moments"][..., :4], np.asarray(post.mean)[0], atol=1e-5)
+
+
+def test_latent_shape_signal_is_the_shapes_share_of_the_latents():
+    """RMS of encode(scene) - encode(its flat background) over the scenes' latent std, by a direct
+    computation; a ratio, so latents 3x larger (SD's scaling_factor aside) read the same."""
+    import jax
+    import numpy as np
+
+    from ldm_jax.config_utils import load_config
+    from ldm_jax.data.shapes import COLOR_RGB
+    from ldm_jax.examples.shapes_demo.demo import CONFIG, _examples, latent_shape_signal
+    from ldm_jax.models.autoencoder import AutoencoderKL
+
+    cfg = load_config(CONFIG, ["--config.data.num_validation=12"])
+    vae = AutoencoderKL(**dict(cfg.vae))
+    params = vae.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    got = latent_shape_signal(cfg, params, num=12, batch_size=5)  # batches of 5, 5, 2
+
+    examples = _examples(cfg, "validation", 12)
+    scenes = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0
+    flat = np.stack([np.broadcast_to(COLOR_RGB[int(ex["background"])], (32, 32, 3)) for ex in examples])
+    z, zb = (np.asarray(vae.apply({"params": params}, x, method=vae.encode).mean)
+             for x in (scenes, flat.astype(np.float32) / 127.5 - 1.0))
+    assert got > 0 and abs(got - np.sqrt(np.mean((z - zb) ** 2)) / z.std()) < 1e-4 * got
+
+    louder = dict(params, quant_conv={k: 3.0 * v for k, v in params["quant_conv"].items()})  # mean (and logvar) x3
+    assert abs(latent_shape_signal(cfg, louder, num=12) - got) < 1e-4 * got
 
 
 def _accuracies(seen: dict, heldout: dict, low: float = 0.5) -> dict:

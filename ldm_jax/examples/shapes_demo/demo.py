@@ -53,6 +53,7 @@ def autoencoder_train_config(cfg, out_dir: str):
     ae_cfg.loss.perceptual_weight = 0.0
     ae_cfg.loss.pixel_loss = a.pixel_loss
     ae_cfg.loss.edge_weight = float(a.edge_weight)
+    ae_cfg.loss.kl_weight = float(a.kl_weight)
     ae_cfg.loss.disc_start = 10 ** 9
     ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.b1, b2=a.b2, decay_steps=_decay_steps(a))
     ae_cfg.train.update(num_steps=int(a.steps), batch_size=int(a.batch_size), seed=int(cfg.seed), log_every=20,
@@ -280,6 +281,34 @@ def latent_scale(vae_config, vae_params, images: np.ndarray, batch_size: int = 1
     return float(1.0 / means.std())
 
 
+def latent_shape_signal(cfg, vae_params, num: int = 200, batch_size: int = 100) -> float:
+    """How large the shape is in the autoencoder's latent space: the RMS of ``encode(scene) -
+    encode(its background alone)`` (posterior means) over the std of the scenes' latents, on
+    ``num`` validation scenes.
+
+    The flat background colour makes up most of the latents' variance, and SD's ``scaling_factor``
+    (1 / that std) sets the noise scale the diffusion stage works at, so a small figure leaves the
+    shape a faint signal under the noise; across seeds of one recipe it ranked how well the
+    diffusion stage learned shapes (docs/demo.md)."""
+    from ldm_jax.data.shapes import render
+    from ldm_jax.models.autoencoder import AutoencoderKL
+
+    model = AutoencoderKL(**dict(cfg.vae))
+    encode = jax.jit(lambda x: model.apply({"params": vae_params}, x, method=model.encode).mean)
+    examples = _examples(cfg, "validation", num)
+    size = cfg.data.image_size
+    scenes = np.stack([ex["image"] for ex in examples])
+    backgrounds = np.stack([render(size, [], [], [], [], int(ex["background"])) for ex in examples])
+
+    def latents(images):
+        x = images.astype(np.float32) / 127.5 - 1.0
+        return np.concatenate([np.asarray(encode(jnp.asarray(x[i:i + batch_size])))
+                               for i in range(0, len(x), batch_size)])
+
+    z = latents(scenes)
+    return float(np.sqrt(np.mean((z - latents(backgrounds)) ** 2)) / z.std())
+
+
 def autoencoder_ceiling(classifier, cfg, vae_params, num: int = 256, batch_size: int = 64) -> dict:
     """Attribute accuracy of real validation images after an autoencoder round trip (posterior mean).
 
@@ -500,6 +529,8 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
         real = np.stack([ex["image"] for ex in _examples(cfg, "train", min(512, cfg.data.num_train))])
         cfg.vae.scaling_factor = latent_scale(cfg.vae, vae_params, real.astype(np.float32) / 127.5 - 1.0)
         print(f"[demo] latent scaling_factor = {cfg.vae.scaling_factor:.4f} (1/std of the latents)")
+    shape_signal = latent_shape_signal(cfg, vae_params, num=min(200, cfg.data.num_validation))
+    print(f"[demo] latent shape signal = {shape_signal:.3f} (the shape's share of the latents' std)")
 
     t = time.time()
     text_params, text_metrics = _pretrain_text_encoder(cfg, tokenizer, CLIPTextModel(**dict(cfg.text_encoder)),
@@ -515,7 +546,8 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
 
     pipe = StableDiffusionPipeline(cfg, {"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
                                    tokenizer)
-    metrics: dict = {"seed": int(cfg.seed), "stages": stages, "scaling_factor": float(cfg.vae.scaling_factor), "text_encoder": text_metrics}
+    metrics: dict = {"seed": int(cfg.seed), "stages": stages, "scaling_factor": float(cfg.vae.scaling_factor),
+                     "latent_shape_signal": shape_signal, "text_encoder": text_metrics}
     t = time.time()
     metrics["classifier_real_accuracy"] = classifier_real_accuracy(classifier, cfg, num=min(256, cfg.data.num_validation))
     log("attribute classifier on real validation images", metrics["classifier_real_accuracy"])
