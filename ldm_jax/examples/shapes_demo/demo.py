@@ -288,8 +288,8 @@ def latent_shape_signal(cfg, vae_params, num: int = 200, batch_size: int = 100) 
 
     The flat background colour makes up most of the latents' variance, and SD's ``scaling_factor``
     (1 / that std) sets the noise scale the diffusion stage works at, so a small figure leaves the
-    shape a faint signal under the noise; across seeds of one recipe it ranked how well the
-    diffusion stage learned shapes (docs/demo.md)."""
+    shape a faint signal under the noise. Across the seeds of one recipe it ranked how well the
+    diffusion stage learned shapes, but a high figure alone did not make it learn them (docs/demo.md)."""
     from ldm_jax.data.shapes import render
     from ldm_jax.models.autoencoder import AutoencoderKL
 
