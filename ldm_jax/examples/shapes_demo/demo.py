@@ -270,15 +270,19 @@ def demo_tokenizer(cfg, out_dir: str, num_captions: int = 3000):
                                                                      model_max_length=length))
 
 
-def latent_scale(vae_config, vae_params, images: np.ndarray, batch_size: int = 128) -> float:
-    """SD's ``scaling_factor``: 1 / std of the encoder's posterior means over ``images`` [N,H,W,3] in [-1,1]."""
+def _latent_means(vae_config, vae_params, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The encoder's posterior means of ``images`` [N,H,W,3] in [-1,1], ``batch_size`` at a time."""
     from ldm_jax.models.autoencoder import AutoencoderKL
 
     model = AutoencoderKL(**dict(vae_config))
     encode = jax.jit(lambda x: model.apply({"params": vae_params}, x, method=model.encode).mean)
-    means = np.concatenate([np.asarray(encode(jnp.asarray(images[i:i + batch_size])))
-                            for i in range(0, len(images), batch_size)])
-    return float(1.0 / means.std())
+    return np.concatenate([np.asarray(encode(jnp.asarray(images[i:i + batch_size])))
+                           for i in range(0, len(images), batch_size)])
+
+
+def latent_scale(vae_config, vae_params, images: np.ndarray, batch_size: int = 128) -> float:
+    """SD's ``scaling_factor``: 1 / std of the encoder's posterior means over ``images`` [N,H,W,3] in [-1,1]."""
+    return float(1.0 / _latent_means(vae_config, vae_params, images, batch_size).std())
 
 
 def latent_shape_signal(cfg, vae_params, num: int = 200, batch_size: int = 100) -> float:
@@ -291,22 +295,14 @@ def latent_shape_signal(cfg, vae_params, num: int = 200, batch_size: int = 100) 
     shape a faint signal under the noise. Across the seeds of one recipe it ranked how well the
     diffusion stage learned shapes, but a high figure alone did not make it learn them (docs/demo.md)."""
     from ldm_jax.data.shapes import render
-    from ldm_jax.models.autoencoder import AutoencoderKL
 
-    model = AutoencoderKL(**dict(cfg.vae))
-    encode = jax.jit(lambda x: model.apply({"params": vae_params}, x, method=model.encode).mean)
     examples = _examples(cfg, "validation", num)
     size = cfg.data.image_size
     scenes = np.stack([ex["image"] for ex in examples])
     backgrounds = np.stack([render(size, [], [], [], [], int(ex["background"])) for ex in examples])
-
-    def latents(images):
-        x = images.astype(np.float32) / 127.5 - 1.0
-        return np.concatenate([np.asarray(encode(jnp.asarray(x[i:i + batch_size])))
-                               for i in range(0, len(x), batch_size)])
-
-    z = latents(scenes)
-    return float(np.sqrt(np.mean((z - latents(backgrounds)) ** 2)) / z.std())
+    z, zb = (_latent_means(cfg.vae, vae_params, images.astype(np.float32) / 127.5 - 1.0, batch_size)
+             for images in (scenes, backgrounds))
+    return float(np.sqrt(np.mean((z - zb) ** 2)) / z.std())
 
 
 def autoencoder_ceiling(classifier, cfg, vae_params, num: int = 256, batch_size: int = 64) -> dict:
