@@ -160,6 +160,65 @@ def test_edge_loss_vs_numpy_and_in_the_step(data_dir):
     np.testing.assert_allclose(nll[2.0] - nll[0.0], 2.0 * extra, rtol=1e-3)
 
 
+def test_scale_equivariance_term_and_its_update(data_dir):
+    """``loss.scale_equivariance_weight``: the step adds the pixel + edge loss of decode(pool2(z))
+    against pool2(x) (z: the posterior sample the reconstruction decodes) and its update is the
+    optimizer's step on the gradient of that whole objective, written out here independently."""
+    a = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+    want = a.reshape(2, 2, 2, 3, 2, 3).mean((2, 4))
+    np.testing.assert_allclose(np.asarray(vt.pool2(jnp.asarray(a))), want)
+    with pytest.raises(ValueError, match="not even"):
+        vt.pool2(jnp.zeros((1, 3, 4, 1)))
+
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    w, kl_w = 0.7, KL_WEIGHT
+    config = _config(data_dir, perceptual_weight=0.0, pixel_loss="l2", edge_weight=2.0, kl_weight=kl_w,
+                     disc_start=10 ** 9, scale_equivariance_weight=w)
+    config.train.batch_size = 2
+    ts = vt.setup(config, mesh)
+    model = ts.task.model
+    images = next(vt.make_data_iterator(config, data_dir))["image"]
+    batch = sharding.make_global_batch(mesh, {"image": images}, 2)
+    state = ts.state
+    before = _host(state)
+    key = jax.random.fold_in(state.rng, state.step)
+    x = jnp.asarray(images)
+
+    def objective(ae):
+        post = model.apply({"params": ae}, x, method=model.encode)
+        z = post.sample(key)
+        rec = model.apply({"params": ae}, z, method=model.decode)
+        zs = z.reshape(2, z.shape[1] // 2, 2, z.shape[2] // 2, 2, -1).mean((2, 4))
+        xs = x.reshape(2, x.shape[1] // 2, 2, x.shape[2] // 2, 2, 3).mean((2, 4))
+        small = model.apply({"params": ae}, zs, method=model.decode)
+        nll = jnp.sum((x - rec) ** 2 + 2.0 * vt.edge_loss(x, rec)) / 2
+        se = jnp.sum((xs - small) ** 2 + 2.0 * vt.edge_loss(xs, small)) / 2
+        return nll + kl_w * jnp.sum(post.kl()) / 2 + w * se, se
+
+    (want_loss, want_se), g = jax.value_and_grad(objective, has_aux=True)(before.params["ae"])
+    new_state, m = ts.step_fn(state, batch, ts.aux)
+    np.testing.assert_allclose(float(m["se_loss"]), float(want_se), rtol=1e-4)
+    np.testing.assert_allclose(float(m["loss"]), float(want_loss), rtol=1e-4)
+    assert float(m["se_loss"]) > 0
+    gen_tx, _ = vt.make_optimizers(config)
+    grads = {"ae": g, "logvar": jnp.zeros_like(before.params["logvar"])}
+    upd, _ = gen_tx.update(grads, before.opt_state, before.params)
+    want_params = _flat(optax.apply_updates(before.params, upd))
+    got = _flat(new_state.params)
+    for k in want_params:
+        if "to_k']['bias" in k:  # softmax ignores a key bias: its gradient is rounding noise, which Adam scales up
+            continue
+        np.testing.assert_allclose(got[k], want_params[k], rtol=2e-3, atol=2e-6, err_msg=k)
+    assert not _same(got, _flat(before.params))
+
+    for bad, match in (({"scale_equivariance_weight": -1.0}, ">= 0"),):
+        with pytest.raises(ValueError, match=match):
+            vt.make_train_step(_config(data_dir, **bad), model)
+    with pytest.raises(ValueError, match="kind='kl'"):
+        vt.make_train_step(_config(data_dir, scale_equivariance_weight=1.0), model,
+                           forward=vt.make_forward(model, "kl"))
+
+
 # ------------------------------------------ KL + LPIPS + PatchGAN: one device, batch 2, disc_start 2
 @pytest.fixture(scope="module")
 def kl_steps(data_dir):

@@ -30,6 +30,7 @@ def get_config():
         pixelloss_weight=1.0,
         pixel_loss="l1",  # LDM's; "l2" weighs large errors more (short from-scratch runs keep small shapes)
         edge_weight=0.0,  # > 0: + that times pixel_loss of the finite-difference error (outlines; not LDM's)
+        scale_equivariance_weight=0.0,  # > 0: + that times the loss of decode(pool2(z)) vs pool2(x) (not LDM's)
         logvar_init=0.0,
         learn_logvar=False,  # LDM's optimizer leaves logvar at 0
         disc_in_channels=3,

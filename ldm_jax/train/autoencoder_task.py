@@ -4,13 +4,18 @@ The loss is LDM's ``LPIPSWithDiscriminator`` (KL models) / taming's ``VQLPIPSWit
 
   rec   = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec)                      (per pixel)
           (+ edge_weight * the same pixel loss of the finite-difference error: :func:`edge_loss`)
+  se    = sum(pixel + edge loss of pool2(x) - decode(pool2(z))) / B   (``scale_equivariance_weight``)
   nll   = sum(rec / exp(logvar) + logvar) / B        (KL; ``vq``: mean(rec), no logvar)
   g     = -mean D(x_rec)
   d_w   = clip(||dnll/dL|| / (||dg/dL|| + 1e-4), 0, 1e4) * disc_weight      (L: decoder's last conv)
-  loss  = nll + kl_weight * KL  (or + codebook_weight * codebook_loss)  + d_w * disc_factor * g
+  loss  = nll + kl_weight * KL  (or + codebook_weight * codebook_loss)  + se_weight * se
+          + d_w * disc_factor * g
   d_loss = disc_factor * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))    (hinge)
 
-with ``disc_factor = 0`` for ``step < disc_start``. One jitted :func:`train_step` updates the
+with ``disc_factor = 0`` for ``step < disc_start``. ``se`` is the scale-equivariance term of
+Skorokhodov et al. 2025 ("Improving the Diffusability of Autoencoders"): the decoder must turn the
+2x2-average-pooled latents into the 2x2-average-pooled image, which keeps high frequencies out of the
+latents that the image does not have (KL autoencoders only; off at weight 0, LDM's recipe). One jitted :func:`train_step` updates the
 generator (autoencoder) with one Adam, then the discriminator with another (betas 0.5, 0.9).
 
 Notes on fidelity to the PyTorch recipe:
@@ -61,6 +66,8 @@ __all__ = [
     "adaptive_weight",
     "adopt_weight",
     "make_forward",
+    "make_scale_equivariant_forward",
+    "pool2",
     "make_optimizers",
     "create_train_state",
     "make_train_step",
@@ -169,6 +176,29 @@ def make_forward(model: nn.Module, kind: str = "kl") -> ForwardFn:
     return forward
 
 
+def pool2(a: Array) -> Array:
+    """2x2 average pooling of ``[B, H, W, C]`` (H and W even)."""
+    b, h, w, c = a.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"pool2: spatial size {(h, w)} is not even")
+    return a.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4))
+
+
+def make_scale_equivariant_forward(model: nn.Module):
+    """``(params, x, key) -> (reconstruction, KL [B], decode(pool2(z)))`` for ``AutoencoderKL``-like
+    models (``encode`` -> posterior, ``decode``): the forward of ``loss.scale_equivariance_weight``.
+    ``z`` is the posterior sample the reconstruction decodes, as in :func:`make_forward`."""
+
+    def forward(params, x, key):
+        posterior = model.apply({"params": params}, x, method=model.encode)
+        z = posterior.sample(key)
+        rec = model.apply({"params": params}, z, method=model.decode)
+        small = model.apply({"params": params}, pool2(z), method=model.decode)
+        return rec, posterior.kl(), small
+
+    return forward
+
+
 def _get_path(tree, path):
     for p in path:
         tree = tree[p]
@@ -253,6 +283,7 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
     """
     lc = config.loss
     kind = lc.kind
+    custom_forward = forward is not None
     forward = forward or make_forward(model, kind)
     disc = build_discriminator(config)
     lpips = LPIPS()
@@ -265,6 +296,13 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
     pixel_loss = {"l1": jnp.abs, "l2": jnp.square}[lc.pixel_loss]
     edge_w = float(lc.edge_weight)
     reg_w = float(lc.kl_weight if kind == "kl" else lc.codebook_weight)
+    se_w = float(lc.scale_equivariance_weight)
+    if se_w < 0:
+        raise ValueError(f"loss.scale_equivariance_weight must be >= 0, got {se_w}")
+    if se_w > 0 and (kind != "kl" or custom_forward):
+        raise ValueError("loss.scale_equivariance_weight > 0 needs loss.kind='kl' and the task's own forward "
+                         "(it decodes the pooled latents)")
+    se_forward = make_scale_equivariant_forward(model) if se_w > 0 else None
     disc_weight = float(lc.disc_weight)
     disc_factor_cfg = float(lc.disc_factor)
     disc_start = int(lc.disc_start)
@@ -300,10 +338,20 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
         kernel = _get_path(ae_params, last_layer)
 
         def fwd(kernel, ae_params):
-            rec_img, reg = forward(_set_path(ae_params, last_layer, kernel), x, key)
-            return rec_img.astype(jnp.float32), jnp.sum(reg) / x.shape[0] if jnp.ndim(reg) else reg
+            params = _set_path(ae_params, last_layer, kernel)
+            if se_forward is None:
+                rec_img, reg = forward(params, x, key)
+                se = jnp.zeros((), jnp.float32)
+            else:
+                rec_img, reg, small = se_forward(params, x, key)
+                xs, small = pool2(x), small.astype(jnp.float32)
+                se = pixel_w * pixel_loss(xs - small)
+                if edge_w > 0:
+                    se = se + edge_w * edge_loss(xs, small, pixel_loss)
+                se = jnp.sum(se) / x.shape[0]
+            return rec_img.astype(jnp.float32), jnp.sum(reg) / x.shape[0] if jnp.ndim(reg) else reg, se
 
-        (rec_img, reg), vjp_fn = jax.vjp(fwd, kernel, ae_params)
+        (rec_img, reg, se), vjp_fn = jax.vjp(fwd, kernel, ae_params)
         (nll, (rec_mean, p_mean)), (c_nll, c_logvar) = jax.value_and_grad(
             nll_fn, argnums=(0, 1), has_aux=True)(rec_img, logvar, x, aux["lpips"])
 
@@ -313,9 +361,9 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
         def with_disc(_):
             (g, new_stats), c_g = jax.value_and_grad(g_fn, has_aux=True)(
                 rec_img, state.disc_params, state.disc_batch_stats)
-            zero = jnp.zeros_like(reg)
-            dk_nll = vjp_fn((c_nll, zero))[0]
-            dk_g = vjp_fn((c_g, zero))[0]
+            zero, zero_se = jnp.zeros_like(reg), jnp.zeros_like(se)
+            dk_nll = vjp_fn((c_nll, zero, zero_se))[0]
+            dk_g = vjp_fn((c_g, zero, zero_se))[0]
             d_w = adaptive_weight(dk_nll, dk_g, disc_weight)
             return g, c_g, d_w, new_stats
 
@@ -325,8 +373,8 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
 
         g, c_g, d_w, stats = jax.lax.cond(active, with_disc, without_disc, None)
         coef = d_w * disc_factor
-        loss = nll + reg_w * reg + coef * g
-        dk, d_ae = vjp_fn((c_nll + coef * c_g, jnp.asarray(reg_w, reg.dtype)))
+        loss = nll + reg_w * reg + se_w * se + coef * g
+        dk, d_ae = vjp_fn((c_nll + coef * c_g, jnp.asarray(reg_w, reg.dtype), jnp.asarray(se_w, se.dtype)))
         grads = {"ae": _set_path(d_ae, last_layer, dk), "logvar": c_logvar}
         updates, opt_state = gen_tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -358,7 +406,7 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
                                   disc_params=dparams, disc_batch_stats=dstats, disc_opt_state=dopt)
         metrics = {
             "loss": loss, "nll_loss": nll, "rec_loss": rec_mean, "p_loss": p_mean,
-            ("kl_loss" if kind == "kl" else "codebook_loss"): reg,
+            ("kl_loss" if kind == "kl" else "codebook_loss"): reg, "se_loss": se,
             "g_loss": g, "d_weight": d_w, "disc_factor": disc_factor, "disc_loss": d_loss,
             "logits_real": logits_real, "logits_fake": logits_fake, "logvar": logvar,
             "grad_norm": optax.tree.norm(grads["ae"]),

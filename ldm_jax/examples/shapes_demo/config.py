@@ -27,7 +27,7 @@ def get_config():
     # (demo.latent_shape_signal 0.46 -> 0.89 at 1e-2 on seed 2): a large gain on seed 2, none on seed 1.
     # ynn_fusions: the op kinds XLA:CPU hands to YNNPACK in this stage's step (ldm_jax.runtime.ynn_options).
     c.autoencoder = dict(steps=4000, batch_size=16, lr=1e-3, pixel_loss="l2", edge_weight=2.0, kl_weight=1e-6,
-                         b1=0.5, b2=0.9, lr_decay="constant", warmup_steps=0, ynn_fusions=("dot", "eltwise", "reduce"))
+                         scale_equivariance_weight=0.0, b1=0.5, b2=0.9, lr_decay="constant", warmup_steps=0, ynn_fusions=("dot", "eltwise", "reduce"))
     # The frozen text encoder is first trained to read the training captions' attributes: the stand-in
     # for CLIP pretraining, since a frozen *random* encoder cannot bind colours to objects. 1600 steps:
     # with 800 the held-out colour probe fell to 0.84 on one seed of three.

@@ -54,6 +54,7 @@ def autoencoder_train_config(cfg, out_dir: str):
     ae_cfg.loss.pixel_loss = a.pixel_loss
     ae_cfg.loss.edge_weight = float(a.edge_weight)
     ae_cfg.loss.kl_weight = float(a.kl_weight)
+    ae_cfg.loss.scale_equivariance_weight = float(a.scale_equivariance_weight)
     ae_cfg.loss.disc_start = 10 ** 9
     ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.b1, b2=a.b2, decay_steps=_decay_steps(a))
     ae_cfg.train.update(num_steps=int(a.steps), batch_size=int(a.batch_size), seed=int(cfg.seed), log_every=20,
