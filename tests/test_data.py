@@ -82,7 +82,7 @@ def test_shapes_reproducible_and_labels_match_pixels(shapes_dir):
             ys, xs = np.nonzero(mask)
             assert abs(xs.mean() + c0 + 0.5 - cx) < 0.12 * cell and abs(ys.mean() + r0 + 0.5 - cy) < 0.15 * cell
             r = float(rec["radius"][k])
-            np.testing.assert_allclose(r, S._SIZE_FRAC[rec["size"][k]] * cell, rtol=1e-5)
+            np.testing.assert_allclose(r, S.SIZE_FRACTIONS[rec["size"][k]] * cell, rtol=1e-5)
             ratio = mask.sum() / (r + 0.5) ** 2 / _AREA_PER_R2[S.SHAPES[rec["shape"][k]]]
             # +0.5 px and the bound 1.4: PIL fills boundary pixels (thin star/triangle tips); a wrong size
             # label would give ~0.35 or ~2.9 (large/small area ratio is ~3)

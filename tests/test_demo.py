@@ -32,7 +32,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert 0.1 < saved["scaling_factor"] < 100
     assert metrics["diffusion_loss_last"] < metrics["diffusion_loss_first"]
     assert 0.0 <= saved["autoencoder_roundtrip_accuracy"]["mean"] <= 1.0
-    assert saved["latent_shape_signal"] > 0.0
+    assert set(saved["latent_shape_split"]) == {"shape", "color", "interaction"}
     assert {"color", "shape", "position", "mean"} <= set(saved["classifier_real_accuracy"])
     assert os.path.isdir(os.path.join(out, "autoencoder", "checkpoints"))  # the AE stage resumes after a crash
     probe = saved["text_encoder"]["heldout_probe_accuracy"]  # the pretrained frozen text encoder
@@ -135,31 +135,43 @@ def test_demo_latent_cache_follows_the_encoders(tmp_path):
     np.testing.assert_allclose(rec["moments"][..., :4], np.asarray(post.mean)[0], atol=1e-5)
 
 
-def test_latent_shape_signal_is_the_shapes_share_of_the_latents():
-    """RMS of encode(scene) - encode(its flat background) over the scenes' latent std, by a direct
-    computation; a ratio, so latents 3x larger (SD's scaling_factor aside) read the same."""
+def test_latent_shape_split_reads_shape_colour_and_interaction(monkeypatch):
+    """The two-way analysis of variance of ``latent_shape_split``: latents that carry only the
+    shape's colour read colour 1, only its area (which the shape sets) shape 1, their product a
+    clear interaction where the additive ones read none; the shares of any latents sum to 1 and do not change with the latents' scale."""
     import jax
     import numpy as np
 
     from ldm_jax.config_utils import load_config
-    from ldm_jax.data.shapes import COLOR_RGB
-    from ldm_jax.examples.shapes_demo.demo import CONFIG, _examples, latent_shape_signal
+    from ldm_jax.examples.shapes_demo import demo
     from ldm_jax.models.autoencoder import AutoencoderKL
 
-    cfg = load_config(CONFIG, ["--config.data.num_validation=12"])
+    cfg = load_config(demo.CONFIG)
     vae = AutoencoderKL(**dict(cfg.vae))
     params = vae.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
-    got = latent_shape_signal(cfg, params, num=12, batch_size=5)  # batches of 5, 5, 2
+    real = demo.latent_shape_split(cfg, params)
+    assert abs(sum(real.values()) - 1.0) < 1e-6 and min(real.values()) >= 0.0
+    louder = dict(params, quant_conv={k: 3.0 * v for k, v in params["quant_conv"].items()})  # latents x3
+    assert all(abs(demo.latent_shape_split(cfg, louder)[k] - v) < 1e-5 for k, v in real.items())
 
-    examples = _examples(cfg, "validation", 12)
-    scenes = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0
-    flat = np.stack([np.broadcast_to(COLOR_RGB[int(ex["background"])], (32, 32, 3)) for ex in examples])
-    z, zb = (np.asarray(vae.apply({"params": params}, x, method=vae.encode).mean)
-             for x in (scenes, flat.astype(np.float32) / 127.5 - 1.0))
-    assert got > 0 and abs(got - np.sqrt(np.mean((z - zb) ** 2)) / z.std()) < 1e-4 * got
+    def fake(kind):
+        def latent_means(vae_config, vae_params, images, batch_size):
+            fg = np.any(images != images[:, :1, :1], axis=-1)  # pixels off the background colour
+            area = fg.mean((1, 2))[:, None]
+            color = (images * fg[..., None]).sum((1, 2)) / fg.sum((1, 2))[:, None]  # the shape's colour
+            z = {"color": color, "area": area,
+                 "product": (area - area.mean()) * (color - color.mean(0))}[kind]  # centred: no main effects
+            return z[:, None, None, :]
+        return latent_means
 
-    louder = dict(params, quant_conv={k: 3.0 * v for k, v in params["quant_conv"].items()})  # mean (and logvar) x3
-    assert abs(latent_shape_signal(cfg, louder, num=12) - got) < 1e-4 * got
+    expected = {"color": "color", "area": "shape"}
+    for kind, share in expected.items():
+        monkeypatch.setattr(demo, "_latent_means", fake(kind))
+        got = demo.latent_shape_split(cfg, params)
+        assert got[share] > 1 - 1e-6 and got["interaction"] < 1e-6, (kind, got)
+    monkeypatch.setattr(demo, "_latent_means", fake("product"))
+    got = demo.latent_shape_split(cfg, params)
+    assert got["interaction"] > 0.1 and abs(sum(got.values()) - 1.0) < 1e-6, got
 
 
 def _accuracies(seen: dict, heldout: dict, low: float = 0.5) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "SPLITS", "HELDOUT_PAIRS",
+    "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "SIZE_FRACTIONS", "POSITIONS", "SPLITS", "HELDOUT_PAIRS",
     "make_example", "render", "caption_for", "MAX_SHAPE_SCALE",
 ]
 
@@ -26,7 +26,7 @@ COLOR_RGB = np.array([
 ], np.uint8)
 SIZES = ("small", "large")
 # Shape "radius" (centre to farthest point) as a fraction of the grid cell side.
-_SIZE_FRAC = (0.22, 0.38)
+SIZE_FRACTIONS = (0.22, 0.38)
 _JITTER_FRAC = 0.06  # max centre offset inside the cell, fraction of the cell side
 # Largest radius multiplier: 0.38 * 1.15 + 0.06 < 0.5, a large shape stays inside its cell.
 MAX_SHAPE_SCALE = 1.15
@@ -170,7 +170,7 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64, max_sh
         row, col = divmod(int(p), 3)
         jx, jy = rng.uniform(-_JITTER_FRAC, _JITTER_FRAC, size=2) * cell
         centers.append(((col + 0.5) * cell + jx, (row + 0.5) * cell + jy))
-        radii.append(_SIZE_FRAC[z] * shape_scale * cell)
+        radii.append(SIZE_FRACTIONS[z] * shape_scale * cell)
     image = render(image_size, shapes, colors, centers, radii, background)
     caption = caption_for(shapes, colors, sizes, [int(p) for p in positions], background, rng)
 
