@@ -138,7 +138,8 @@ def test_demo_latent_cache_follows_the_encoders(tmp_path):
 def test_latent_shape_split_reads_shape_colour_and_interaction(monkeypatch):
     """The two-way analysis of variance of ``latent_shape_split``: latents that carry only the
     shape's colour read colour 1, only its area (which the shape sets) shape 1, their product a
-    clear interaction where the additive ones read none; the shares of any latents sum to 1 and do not change with the latents' scale."""
+    clear interaction where the additive ones read none; the shares of any latents sum to 1 and do
+    not change with the latents' scale."""
     import jax
     import numpy as np
 
@@ -160,7 +161,7 @@ def test_latent_shape_split_reads_shape_colour_and_interaction(monkeypatch):
             area = fg.mean((1, 2))[:, None]
             color = (images * fg[..., None]).sum((1, 2)) / fg.sum((1, 2))[:, None]  # the shape's colour
             z = {"color": color, "area": area,
-                 "product": (area - area.mean()) * (color - color.mean(0))}[kind]  # centred: no main effects
+                 "product": (area - area.mean()) * (color - color.mean(0))}[kind]  # centred over all groups
             return z[:, None, None, :]
         return latent_means
 

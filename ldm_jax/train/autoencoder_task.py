@@ -15,8 +15,8 @@ The loss is LDM's ``LPIPSWithDiscriminator`` (KL models) / taming's ``VQLPIPSWit
 with ``disc_factor = 0`` for ``step < disc_start``. ``se`` is the scale-equivariance term of
 Skorokhodov et al. 2025 ("Improving the Diffusability of Autoencoders"): the decoder must turn the
 2x2-average-pooled latents into the 2x2-average-pooled image, which keeps high frequencies out of the
-latents that the image does not have (KL autoencoders only; off at weight 0, LDM's recipe). One jitted :func:`train_step` updates the
-generator (autoencoder) with one Adam, then the discriminator with another (betas 0.5, 0.9).
+latents that the image does not have (KL autoencoders only; off at weight 0, LDM's recipe). One
+jitted :func:`train_step` updates the generator (autoencoder) with one Adam, then the discriminator with another (betas 0.5, 0.9).
 
 Notes on fidelity to the PyTorch recipe:
 - the discriminator step reuses this step's (pre-update) reconstruction instead of running the
@@ -308,10 +308,15 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
     disc_start = int(lc.disc_start)
     d_loss_fn = _D_LOSSES[lc.disc_loss]
 
-    def nll_fn(rec_img, logvar, x, lpips_params):
+    def pixel_rec(x, rec_img):
+        """Per-pixel pixel (+ edge) loss: the reconstruction's, and the pooled one of the se term."""
         rec = pixel_w * pixel_loss(x - rec_img)
         if edge_w > 0:
             rec = rec + edge_w * edge_loss(x, rec_img, pixel_loss)
+        return rec
+
+    def nll_fn(rec_img, logvar, x, lpips_params):
+        rec = pixel_rec(x, rec_img)
         p_loss = jnp.zeros((x.shape[0],), jnp.float32)
         if pw > 0:
             p_loss = lpips.apply(lpips_params, x, rec_img)
@@ -344,11 +349,7 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
                 se = jnp.zeros((), jnp.float32)
             else:
                 rec_img, reg, small = se_forward(params, x, key)
-                xs, small = pool2(x), small.astype(jnp.float32)
-                se = pixel_w * pixel_loss(xs - small)
-                if edge_w > 0:
-                    se = se + edge_w * edge_loss(xs, small, pixel_loss)
-                se = jnp.sum(se) / x.shape[0]
+                se = jnp.sum(pixel_rec(pool2(x), small.astype(jnp.float32))) / x.shape[0]
             return rec_img.astype(jnp.float32), jnp.sum(reg) / x.shape[0] if jnp.ndim(reg) else reg, se
 
         (rec_img, reg, se), vjp_fn = jax.vjp(fwd, kernel, ae_params)

@@ -295,7 +295,8 @@ def latent_shape_split(cfg, vae_params, batch_size: int = 128) -> dict:
     colour), averaged over the backgrounds and sizes. The diffusion stage learns shapes when the
     shape is a large and additive part of the latents: of nine autoencoders, those whose runs reached
     the bar's shape figures read shape >= 0.37 and interaction <= 0.05, those that missed them shape
-    <= 0.21 (docs/demo.md); the round trip does not show it. A ratio of variances: SD's ``scaling_factor`` does not change it."""
+    <= 0.21 (docs/demo.md); the round trip does not show it. A ratio of variances: SD's
+    ``scaling_factor`` does not change it."""
     from ldm_jax.data.shapes import COLORS, SHAPES, SIZE_FRACTIONS, render
 
     size = cfg.data.image_size
