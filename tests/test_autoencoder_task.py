@@ -218,6 +218,65 @@ def test_scale_equivariance_term_and_its_update(data_dir):
                            forward=vt.make_forward(model, "kl"))
 
 
+def test_latent_noise_decodes_noisy_latents(data_dir):
+    """``loss.latent_noise``: the decoder reads z + t * std(z) * n (t ~ U(0, max) per example, std of the
+    batch, gradient stopped) and the step's loss is that of the noisy reconstruction, written out here."""
+    z = jax.random.normal(jax.random.PRNGKey(3), (512, 4, 4, 4)) * 3.0 + 1.0
+    noisy = vt.noisy_latents(z, jax.random.PRNGKey(4), 0.5)
+    t = np.asarray(jnp.std(noisy - z, axis=(1, 2, 3)) / jnp.std(z))  # each example's noise level
+    assert t.max() < 0.5 * 1.3 and t.min() < 0.05 and abs(t.mean() - 0.25) < 0.025
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda a: vt.noisy_latents(a, jax.random.PRNGKey(4), 0.5).sum())(z)),
+                               1.0, rtol=1e-6)  # std(z) is a constant to the gradient: bigger latents buy nothing
+
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    config = _config(data_dir, perceptual_weight=0.0, pixel_loss="l2", edge_weight=0.0, kl_weight=0.0,
+                     disc_start=10 ** 9, latent_noise=0.5)
+    config.train.batch_size = 2
+    ts = vt.setup(config, mesh)
+    model = ts.task.model
+    images = next(vt.make_data_iterator(config, data_dir))["image"]
+    batch = sharding.make_global_batch(mesh, {"image": images}, 2)
+    key = jax.random.fold_in(ts.state.rng, ts.state.step)
+    x, ae = jnp.asarray(images), _host(ts.state).params["ae"]
+    k_post, k_noise = jax.random.split(key)
+    post = model.apply({"params": ae}, x, method=model.encode)
+    z = post.sample(k_post)
+
+    def loss(z):
+        rec = model.apply({"params": ae}, z, method=model.decode)
+        return float(jnp.sum((x - rec) ** 2) / 2)
+
+    _, m = ts.step_fn(ts.state, batch, ts.aux)
+    np.testing.assert_allclose(float(m["loss"]), loss(vt.noisy_latents(z, k_noise, 0.5)), rtol=1e-4)
+    assert abs(float(m["loss"]) - loss(z)) > 1e-3 * loss(z)  # the noise reached the decoder
+
+    with pytest.raises(ValueError, match=">= 0"):
+        vt.make_forward(model, "kl", -0.1)
+    with pytest.raises(ValueError, match="kind='kl'"):
+        vt.make_forward(model, "vq", 0.5)
+
+
+def test_frozen_modules_stay_as_they_are(data_dir):
+    """``optim.frozen``: a decoder fine-tune (encoder and quant_conv frozen) changes the decoder only, so
+    the latent space stays what it was; an unknown module name is a one-line error."""
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    config = _config(data_dir, perceptual_weight=0.0, kl_weight=KL_WEIGHT, disc_start=10 ** 9)
+    config.optim.frozen = ("encoder", "quant_conv")
+    config.train.batch_size = 2
+    ts = vt.setup(config, mesh)
+    images = next(vt.make_data_iterator(config, data_dir))["image"]
+    batch = sharding.make_global_batch(mesh, {"image": images}, 2)
+    before = _host(ts.state.params["ae"])
+    after = _host(ts.step_fn(ts.state, batch, ts.aux)[0].params["ae"])
+    assert set(before) >= {"encoder", "quant_conv", "decoder", "post_quant_conv"}
+    for name in before:
+        assert _same(before[name], after[name]) == (name in ("encoder", "quant_conv")), name
+
+    config.optim.frozen = ("encoder", "quant")
+    with pytest.raises(ValueError, match=r"optim.frozen names \['quant'\]"):
+        vt.make_optimizers(config)[0].init(ts.state.params)
+
+
 # ------------------------------------------ KL + LPIPS + PatchGAN: one device, batch 2, disc_start 2
 @pytest.fixture(scope="module")
 def kl_steps(data_dir):

@@ -9,8 +9,9 @@ def test_demo_end_to_end_tiny(tmp_path):
     from ldm_jax.examples.shapes_demo import run_demo
 
     out = str(tmp_path / "demo")
-    overrides = ["--config.autoencoder.steps=20", "--config.diffusion.steps=30", "--config.diffusion.warmup_steps=3",
-                 "--config.data.num_train=64",
+    overrides = ["--config.autoencoder.steps=20", "--config.autoencoder.latent_noise=0.5",
+                 "--config.autoencoder.decoder_steps=4", "--config.diffusion.steps=30",
+                 "--config.diffusion.warmup_steps=3", "--config.data.num_train=64",
                  "--config.data.num_validation=16", "--config.data.num_heldout=16", "--config.sample.steps=3",
                  "--config.sample.num_prompts=2", "--config.eval.num_prompts=4", "--config.eval.batch_size=4",
                  "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5", "--config.text_pretrain.steps=20"]
@@ -35,6 +36,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert set(saved["latent_shape_split"]) == {"shape", "color", "interaction"}
     assert {"color", "shape", "position", "mean"} <= set(saved["classifier_real_accuracy"])
     assert os.path.isdir(os.path.join(out, "autoencoder", "checkpoints"))  # the AE stage resumes after a crash
+    assert os.path.isdir(os.path.join(out, "autoencoder_decoder", "checkpoints"))  # and so does its decoder fine-tune
     probe = saved["text_encoder"]["heldout_probe_accuracy"]  # the pretrained frozen text encoder
     assert {"color", "shape", "position", "mean"} <= set(probe) and os.path.isfile(os.path.join(out, "text_encoder.npz"))
     # the tokenizer pads to the text encoder's positions (the config's, not CLIP's 77)
@@ -74,6 +76,11 @@ def test_demo_diffusion_config_reaches_the_trainer(tmp_path):
     assert ae.task == "autoencoder" and tcfg.task == "diffusion"
     assert ae.train.num_steps == cfg.autoencoder.steps and ae.train.batch_size == cfg.autoencoder.batch_size
     assert (ae.data.max_shapes, ae.data.shape_scale, ae.data.image_size) == (1, cfg.data.shape_scale, 32)
+    assert ae.loss.latent_noise == cfg.autoencoder.latent_noise and tuple(ae.optim.frozen) == ()
+    # the decoder fine-tune after it: encoder frozen, clean latents, its own steps, same data
+    dec = autoencoder_train_config(cfg, str(tmp_path), decoder=True)
+    assert tuple(dec.optim.frozen) == ("encoder", "quant_conv") and dec.loss.latent_noise == 0.0
+    assert dec.train.num_steps == cfg.autoencoder.decoder_steps and dec.data.data_dir == ae.data.data_dir
     # each stage's YNNPACK fusions reach its trainer through the one compiler-options setting
     assert loop.compiler_options(ae, "cpu") == ynn_options(cfg.autoencoder.ynn_fusions, "cpu")
     assert loop.compiler_options(ae, "cpu")

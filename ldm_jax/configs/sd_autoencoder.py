@@ -31,6 +31,7 @@ def get_config():
         pixel_loss="l1",  # LDM's; "l2" weighs large errors more (short from-scratch runs keep small shapes)
         edge_weight=0.0,  # > 0: + that times pixel_loss of the finite-difference error (outlines; not LDM's)
         scale_equivariance_weight=0.0,  # > 0: + that times the loss of decode(pool2(z)) vs pool2(x) (not LDM's)
+        latent_noise=0.0,  # > 0: decode z + U(0, that) * std(z) * noise (latent denoising, l-DeTok; not LDM's)
         logvar_init=0.0,
         learn_logvar=False,  # LDM's optimizer leaves logvar at 0
         disc_in_channels=3,
@@ -39,7 +40,8 @@ def get_config():
         last_layer=("decoder", "conv_out", "kernel"),
     )
     c.optim = dict(base_learning_rate=4.5e-6, scale_lr=True, b1=0.5, b2=0.9, eps=1e-8,
-                   decay_steps=0)  # 0: LDM's constant rate; N: cosine decay to 0 at update N
+                   decay_steps=0,  # 0: LDM's constant rate; N: cosine decay to 0 at update N
+                   frozen=())  # autoencoder modules left as they are: ("encoder", "quant_conv") tunes the decoder
     c.train = common.loop_config(batch_size=64, accumulation=1, num_steps=500_000, checkpoint_every=5000,
                                  log_every=100, keep_every=50_000, preview_every=5000)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

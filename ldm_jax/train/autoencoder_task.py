@@ -68,6 +68,7 @@ __all__ = [
     "make_forward",
     "make_scale_equivariant_forward",
     "pool2",
+    "noisy_latents",
     "make_optimizers",
     "create_train_state",
     "make_train_step",
@@ -144,15 +145,31 @@ def adaptive_weight(nll_grad: Any, g_grad: Any, disc_weight: float) -> Array:
 # Model adapters
 
 
-def make_forward(model: nn.Module, kind: str = "kl") -> ForwardFn:
+def make_forward(model: nn.Module, kind: str = "kl", latent_noise: float = 0.0) -> ForwardFn:
     """Adapter ``(params, x, key) -> (reconstruction, regulariser)`` for the loss.
 
     ``kind='kl'``: ``AutoencoderKL``-like, ``model.apply(p, x, key=key, sample_posterior=True)``
-    -> ``(rec, posterior)``; regulariser ``posterior.kl()`` [B].
+    -> ``(rec, posterior)``; regulariser ``posterior.kl()`` [B]. With ``latent_noise`` > 0 the
+    decoder reads ``z + t * std(z) * n`` instead of the posterior sample ``z`` (``n`` standard
+    normal, ``t ~ U(0, latent_noise)`` per example, ``std(z)`` over the batch, gradient stopped):
+    see :func:`noisy_latents`.
     ``kind='vq'``: ``model.apply(p, x)`` -> ``(rec, codebook_loss, ...)`` or ``(rec, info)`` with
     ``info['loss']``/``info['codebook_loss']``; regulariser the codebook loss.
     """
-    if kind == "kl":
+    latent_noise = float(latent_noise)
+    if latent_noise < 0:
+        raise ValueError(f"loss.latent_noise must be >= 0, got {latent_noise}")
+    if latent_noise > 0 and kind != "kl":
+        raise ValueError(f"loss.latent_noise > 0 needs loss.kind='kl', got {kind!r}")
+    if kind == "kl" and latent_noise > 0:
+
+        def forward(params, x, key):
+            k_post, k_noise = jax.random.split(key)
+            posterior = model.apply({"params": params}, x, method=model.encode)
+            z = noisy_latents(posterior.sample(k_post), k_noise, latent_noise)
+            return model.apply({"params": params}, z, method=model.decode), posterior.kl()
+
+    elif kind == "kl":
 
         def forward(params, x, key):
             rec, posterior = model.apply({"params": params}, x, key=key, sample_posterior=True)
@@ -174,6 +191,21 @@ def make_forward(model: nn.Module, kind: str = "kl") -> ForwardFn:
     else:
         raise ValueError(f"loss kind must be 'kl' or 'vq', got {kind!r}")
     return forward
+
+
+def noisy_latents(z: Array, key: Array, max_scale: float) -> Array:
+    """``z + t * std(z) * n``: ``n`` standard normal, ``t ~ U(0, max_scale)`` per example, ``std(z)`` of
+    the whole batch with its gradient stopped (the noise is relative: growing the latents buys nothing).
+
+    Decoding noisy latents is the latent-denoising objective of l-DeTok (Yang et al. 2025, "Latent
+    Denoising Makes Good Visual Tokenizers"): what the decoder needs must survive noise, so the encoder
+    puts it in large, robust directions of the latent space, which is what the diffusion model
+    learns first. Without it a from-scratch autoencoder can carry an object's shape in directions far
+    smaller than its colour (the CPU demo: ``latent_shape_split``).
+    """
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.uniform(k_t, (z.shape[0],) + (1,) * (z.ndim - 1), z.dtype, 0.0, max_scale)
+    return z + t * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(k_n, z.shape, z.dtype)
 
 
 def pool2(a: Array) -> Array:
@@ -228,14 +260,24 @@ def learning_rate(config) -> float:
 def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """(generator, discriminator) Adams with betas (b1, b2) = (0.5, 0.9) at LDM's constant rate, or a
     cosine decay over ``optim.decay_steps`` updates when set; logvar frozen unless
-    ``config.loss.learn_logvar``."""
+    ``config.loss.learn_logvar``; the autoencoder's top-level modules named in ``optim.frozen`` frozen
+    (``("encoder", "quant_conv")``: a decoder fine-tune, which keeps the latent space as it is)."""
     o = config.optim
     lr = learning_rate(config)
     if o.decay_steps:  # a float rate otherwise, so existing checkpoints keep their optimizer-state layout
         lr = optim.learning_rate_schedule(lr, 0, o.decay_steps)
     adam = lambda: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    labels = lambda params: {"ae": jax.tree.map(lambda _: "train", params["ae"]),
-                             "logvar": "train" if config.loss.learn_logvar else "freeze"}
+    frozen = tuple(o.frozen)
+
+    def labels(params):
+        unknown = sorted(set(frozen) - set(params["ae"]))
+        if unknown:
+            raise ValueError(f"optim.frozen names {unknown}, not modules of the autoencoder "
+                             f"({', '.join(sorted(params['ae']))})")
+        ae = jax.tree_util.tree_map_with_path(
+            lambda path, _: "freeze" if getattr(path[0], "key", None) in frozen else "train", params["ae"])
+        return {"ae": ae, "logvar": "train" if config.loss.learn_logvar else "freeze"}
+
     gen = optax.multi_transform({"train": adam(), "freeze": optax.set_to_zero()}, labels)
     return gen, adam()
 
@@ -284,7 +326,7 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
     lc = config.loss
     kind = lc.kind
     custom_forward = forward is not None
-    forward = forward or make_forward(model, kind)
+    forward = forward or make_forward(model, kind, lc.latent_noise)
     disc = build_discriminator(config)
     lpips = LPIPS()
     gen_tx, disc_tx = make_optimizers(config)
@@ -456,15 +498,19 @@ class AutoencoderTask(loop.Task):
       config: an autoencoder config (``sd_autoencoder``).
       model: a prebuilt autoencoder (default :func:`build_autoencoder`); ``forward``: its loss
         adapter (default :func:`make_forward` of ``loss.kind``).
+      params: the autoencoder's starting params (the model's tree) instead of a random init, e.g. an
+        earlier run's for a decoder fine-tune (``optim.frozen``); not with ``config.init.pretrained``.
     """
 
     name = "autoencoder"
     progress_keys = ("rec_loss",)
 
-    def __init__(self, config, model: nn.Module | None = None, forward: ForwardFn | None = None):
+    def __init__(self, config, model: nn.Module | None = None, forward: ForwardFn | None = None,
+                 params: Any = None):
         super().__init__(config)
         self.model, self._forward = model, forward
         self._extra_key = (model, forward)
+        self._params = params
         self._pretrained = None
         self._reconstruct = None
 
@@ -473,7 +519,11 @@ class AutoencoderTask(loop.Task):
             return
         from ldm_jax.train.pretrained import resolve_autoencoder
 
+        if self._params is not None and self.config.init.pretrained:
+            raise ValueError("the autoencoder task got starting params and config.init.pretrained: pass one")
         self._pretrained = resolve_autoencoder(self.config)
+        if self._params is not None:
+            self._pretrained.vae = self._params
         self.config = self._pretrained.config
         self.model = self.model or build_autoencoder(self.config)
         self._step = make_train_step(self.config, self.model, self._forward)
@@ -530,10 +580,11 @@ def setup(config, mesh: Mesh | None = None, model: nn.Module | None = None,
 
 
 def train_autoencoder(config, workdir: str, model: nn.Module | None = None, forward: ForwardFn | None = None,
-                      *, devices: Sequence[jax.Device] | None = None) -> tuple[AETrainState, list[dict]]:
+                      *, devices: Sequence[jax.Device] | None = None, params: Any = None
+                      ) -> tuple[AETrainState, list[dict]]:
     """Train the first stage for ``config.train.num_steps`` steps with the one training loop; resumes
-    from ``workdir``. ``devices``: the mesh's devices (default all). Returns the final state and the
-    metrics history."""
-    return loop.train(AutoencoderTask(config, model, forward), workdir, devices=devices)
+    from ``workdir``. ``devices``: the mesh's devices (default all); ``params``: the starting autoencoder
+    (:class:`AutoencoderTask`). Returns the final state and the metrics history."""
+    return loop.train(AutoencoderTask(config, model, forward, params), workdir, devices=devices)
 
 Task = AutoencoderTask

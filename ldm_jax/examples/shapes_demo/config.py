@@ -28,8 +28,8 @@ def get_config():
     # scale_equivariance_weight (Skorokhodov et al. 2025): 1.0 on seed 2 read shape 0.14, no better.
     # ynn_fusions: the op kinds XLA:CPU hands to YNNPACK in this stage's step (ldm_jax.runtime.ynn_options).
     c.autoencoder = dict(steps=4000, batch_size=16, lr=1e-3, pixel_loss="l2", edge_weight=2.0, kl_weight=1e-6,
-                         scale_equivariance_weight=0.0, b1=0.5, b2=0.9, lr_decay="constant", warmup_steps=0,
-                         ynn_fusions=("dot", "eltwise", "reduce"))
+                         scale_equivariance_weight=0.0, latent_noise=0.0, decoder_steps=0, b1=0.5, b2=0.9,
+                         lr_decay="constant", warmup_steps=0, ynn_fusions=("dot", "eltwise", "reduce"))
     # The frozen text encoder is first trained to read the training captions' attributes: the stand-in
     # for CLIP pretraining, since a frozen *random* encoder cannot bind colours to objects. 1600 steps:
     # with 800 the held-out colour probe fell to 0.84 on one seed of three.

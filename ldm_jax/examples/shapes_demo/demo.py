@@ -40,9 +40,11 @@ def compiler_options(stage_cfg) -> dict:
     return ynn_options(stage_cfg.ynn_fusions) or {}
 
 
-def autoencoder_train_config(cfg, out_dir: str):
+def autoencoder_train_config(cfg, out_dir: str, decoder: bool = False):
     """The demo's autoencoder stage as a config of the autoencoder task (:mod:`ldm_jax.train.autoencoder_task`):
-    the LDM objective without GAN and LPIPS (pixel loss + KL, at 32 px), on the demo's dataset."""
+    the LDM objective without GAN and LPIPS (pixel loss + KL, at 32 px), on the demo's dataset.
+    ``decoder``: the config of the decoder fine-tune that follows (``autoencoder.decoder_steps``): encoder
+    frozen, clean latents."""
     from ml_collections import ConfigDict
 
     from ldm_jax.config_utils import load_config
@@ -55,6 +57,7 @@ def autoencoder_train_config(cfg, out_dir: str):
     ae_cfg.loss.edge_weight = float(a.edge_weight)
     ae_cfg.loss.kl_weight = float(a.kl_weight)
     ae_cfg.loss.scale_equivariance_weight = float(a.scale_equivariance_weight)
+    ae_cfg.loss.latent_noise = float(a.latent_noise)
     ae_cfg.loss.disc_start = 10 ** 9
     ae_cfg.optim.update(base_learning_rate=a.lr, scale_lr=False, b1=a.b1, b2=a.b2, decay_steps=_decay_steps(a))
     ae_cfg.train.update(num_steps=int(a.steps), batch_size=int(a.batch_size), seed=int(cfg.seed), log_every=20,
@@ -64,6 +67,12 @@ def autoencoder_train_config(cfg, out_dir: str):
                        num_train=d.num_train, num_validation=d.num_validation, num_heldout=d.num_heldout,
                        dataset_seed=d.seed, seed=cfg.seed + 1, random_crop=False, random_flip=False, num_threads=2,
                        **_scene_options(cfg))
+    if decoder:
+        ae_cfg.loss.latent_noise = 0.0
+        ae_cfg.optim.frozen = ("encoder", "quant_conv")
+        ae_cfg.optim.decay_steps = 0
+        ae_cfg.train.num_steps = int(a.decoder_steps)
+        ae_cfg.train.seed, ae_cfg.data.seed = int(cfg.seed) + 2, int(cfg.seed) + 3  # its own keys and data order
     return ae_cfg
 
 
@@ -76,14 +85,22 @@ def _train_autoencoder(cfg, out_dir, log):
     path = os.path.join(out_dir, "autoencoder.npz")
     if os.path.exists(path):
         return _load_params(path), _history(out_dir, "autoencoder")
-    state, history = train_autoencoder(autoencoder_train_config(cfg, out_dir),
-                                                   os.path.join(out_dir, "autoencoder"),
-                                                   AutoencoderKL(**dict(cfg.vae)), devices=jax.devices()[:1])
+    model = AutoencoderKL(**dict(cfg.vae))
+    state, history = train_autoencoder(autoencoder_train_config(cfg, out_dir), os.path.join(out_dir, "autoencoder"),
+                                       model, devices=jax.devices()[:1])
     params = jax.device_get(state.params["ae"])
-    _save_params(path, params)
     history = _history(out_dir, "autoencoder", history)
     if history:
         log("autoencoder", history[-1])
+    if int(cfg.autoencoder.decoder_steps):
+        state, dec_history = train_autoencoder(autoencoder_train_config(cfg, out_dir, decoder=True),
+                                               os.path.join(out_dir, "autoencoder_decoder"), model,
+                                               devices=jax.devices()[:1], params=params)
+        params = jax.device_get(state.params["ae"])
+        dec_history = _history(out_dir, "autoencoder_decoder", dec_history)
+        if dec_history:
+            log("autoencoder decoder fine-tune", dec_history[-1])
+    _save_params(path, params)
     return params, history
 
 
