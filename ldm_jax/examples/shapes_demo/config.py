@@ -26,10 +26,10 @@ def get_config():
     # kl_weight: LDM's 1e-6. 1e-2 made the shape a larger part of seed 2's latents (demo.latent_shape_split:
     # shape 0.20 -> 0.39, its run then reached the shape figures) but not seed 1's (0.16 -> 0.21, no gain).
     # scale_equivariance_weight (Skorokhodov et al. 2025): 1.0 on seed 2 read shape 0.14, no better.
-    # latent_noise (decode noisy latents, l-DeTok) 0.5, then decoder_steps=1000 (decoder fine-tune, encoder
-    # frozen): seeds 0, 1, 2 all read seen ~0.92-0.93 / held-out ~0.76-0.77, just under the bar; without it
-    # seed 0 passes and seeds 1, 2 miss by more. 0.7 and 1.0 lose the shape from the latents (seed 1).
-    # ynn_fusions: the op kinds XLA:CPU hands to YNNPACK in this stage's step (ldm_jax.runtime.ynn_options).
+    # latent_noise (decode noisy latents, l-DeTok): 0.3 made seed 1's split 0.357 and its run pass, seed 2's
+    # 0.422 (shapes right, held-out colour 0.55 fails); seed 0 not yet measured. 0.5 (+ decoder_steps=1000, a
+    # decoder fine-tune, encoder frozen) brought seeds 0, 1, 2 all just under the held-out bar; 0.7 and 1.0
+    # lose the shape (seed 1).
     c.autoencoder = dict(steps=4000, batch_size=16, lr=1e-3, pixel_loss="l2", edge_weight=2.0, kl_weight=1e-6,
                          scale_equivariance_weight=0.0, latent_noise=0.0, decoder_steps=0, b1=0.5, b2=0.9,
                          lr_decay="constant", warmup_steps=0, ynn_fusions=("dot", "eltwise", "reduce"))
