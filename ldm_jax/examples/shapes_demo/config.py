@@ -27,7 +27,7 @@ def get_config():
     # shape 0.20 -> 0.39, its run then reached the shape figures) but not seed 1's (0.16 -> 0.21, no gain).
     # scale_equivariance_weight (Skorokhodov et al. 2025): 1.0 on seed 2 read shape 0.14, no better.
     # latent_noise (decode noisy latents, l-DeTok): 0.3 made seed 1's split 0.357 and its run pass, seed 2's
-    # 0.422 (shapes right, held-out colour 0.55 fails); seed 0 not yet measured. 0.5 (+ decoder_steps=1000, a
+    # 0.422 (shapes right, held-out colour 0.55 fails), seed 0's 0.370 -> 0.263. 0.5 (+ decoder_steps=1000, a
     # decoder fine-tune, encoder frozen) brought seeds 0, 1, 2 all just under the held-out bar; 0.7 and 1.0
     # lose the shape (seed 1).
     c.autoencoder = dict(steps=4000, batch_size=16, lr=1e-3, pixel_loss="l2", edge_weight=2.0, kl_weight=1e-6,
