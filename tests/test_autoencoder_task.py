@@ -225,8 +225,8 @@ def test_latent_noise_decodes_noisy_latents(data_dir):
     noisy = vt.noisy_latents(z, jax.random.PRNGKey(4), 0.5)
     t = np.asarray(jnp.std(noisy - z, axis=(1, 2, 3)) / jnp.std(z))  # each example's noise level
     assert t.max() < 0.5 * 1.3 and t.min() < 0.05 and abs(t.mean() - 0.25) < 0.025
-    np.testing.assert_allclose(np.asarray(jax.grad(lambda a: vt.noisy_latents(a, jax.random.PRNGKey(4), 0.5).sum())(z)),
-                               1.0, rtol=1e-6)  # std(z) is a constant to the gradient: bigger latents buy nothing
+    grad = jax.grad(lambda a: vt.noisy_latents(a, jax.random.PRNGKey(4), 0.5).sum())(z)
+    np.testing.assert_allclose(np.asarray(grad), 1.0, rtol=1e-6)  # std(z) is a constant to the gradient
 
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     config = _config(data_dir, perceptual_weight=0.0, pixel_loss="l2", edge_weight=0.0, kl_weight=0.0,
@@ -249,6 +249,12 @@ def test_latent_noise_decodes_noisy_latents(data_dir):
     _, m = ts.step_fn(ts.state, batch, ts.aux)
     np.testing.assert_allclose(float(m["loss"]), loss(vt.noisy_latents(z, k_noise, 0.5)), rtol=1e-4)
     assert abs(float(m["loss"]) - loss(z)) > 1e-3 * loss(z)  # the noise reached the decoder
+    # with the scale-equivariance term too: the reconstruction decodes the noisy latents, the pooled
+    # decode the clean ones
+    rec, _, small = vt.make_scale_equivariant_forward(model, 0.5)(ae, x, key)
+    decode = lambda a: np.asarray(model.apply({"params": ae}, a, method=model.decode))
+    np.testing.assert_allclose(np.asarray(rec), decode(vt.noisy_latents(z, k_noise, 0.5)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(small), decode(vt.pool2(z)), rtol=1e-5, atol=1e-5)
 
     with pytest.raises(ValueError, match=">= 0"):
         vt.make_forward(model, "kl", -0.1)

@@ -164,9 +164,7 @@ def make_forward(model: nn.Module, kind: str = "kl", latent_noise: float = 0.0) 
     if kind == "kl" and latent_noise > 0:
 
         def forward(params, x, key):
-            k_post, k_noise = jax.random.split(key)
-            posterior = model.apply({"params": params}, x, method=model.encode)
-            z = noisy_latents(posterior.sample(k_post), k_noise, latent_noise)
+            posterior, _, z = _encode(model, params, x, key, latent_noise)
             return model.apply({"params": params}, z, method=model.decode), posterior.kl()
 
     elif kind == "kl":
@@ -216,15 +214,25 @@ def pool2(a: Array) -> Array:
     return a.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4))
 
 
-def make_scale_equivariant_forward(model: nn.Module):
+def _encode(model: nn.Module, params, x: Array, key: Array, latent_noise: float):
+    """(posterior, its sample z, the latents the decoder reads: z, or :func:`noisy_latents` of z when
+    ``latent_noise`` > 0) of a KL autoencoder."""
+    if latent_noise > 0:
+        key, k_noise = jax.random.split(key)
+    posterior = model.apply({"params": params}, x, method=model.encode)
+    z = posterior.sample(key)
+    return posterior, z, noisy_latents(z, k_noise, latent_noise) if latent_noise > 0 else z
+
+
+def make_scale_equivariant_forward(model: nn.Module, latent_noise: float = 0.0):
     """``(params, x, key) -> (reconstruction, KL [B], decode(pool2(z)))`` for ``AutoencoderKL``-like
     models (``encode`` -> posterior, ``decode``): the forward of ``loss.scale_equivariance_weight``.
-    ``z`` is the posterior sample the reconstruction decodes, as in :func:`make_forward`."""
+    ``z`` is the posterior sample; the reconstruction decodes it (its noisy version with
+    ``latent_noise`` > 0), as in :func:`make_forward`."""
 
     def forward(params, x, key):
-        posterior = model.apply({"params": params}, x, method=model.encode)
-        z = posterior.sample(key)
-        rec = model.apply({"params": params}, z, method=model.decode)
+        posterior, z, z_dec = _encode(model, params, x, key, float(latent_noise))
+        rec = model.apply({"params": params}, z_dec, method=model.decode)
         small = model.apply({"params": params}, pool2(z), method=model.decode)
         return rec, posterior.kl(), small
 
@@ -344,7 +352,7 @@ def make_train_step(config, model: nn.Module, forward: ForwardFn | None = None):
     if se_w > 0 and (kind != "kl" or custom_forward):
         raise ValueError("loss.scale_equivariance_weight > 0 needs loss.kind='kl' and the task's own forward "
                          "(it decodes the pooled latents)")
-    se_forward = make_scale_equivariant_forward(model) if se_w > 0 else None
+    se_forward = make_scale_equivariant_forward(model, lc.latent_noise) if se_w > 0 else None
     disc_weight = float(lc.disc_weight)
     disc_factor_cfg = float(lc.disc_factor)
     disc_start = int(lc.disc_start)

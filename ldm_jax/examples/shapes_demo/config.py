@@ -30,6 +30,7 @@ def get_config():
     # 0.422 (shapes right, held-out colour 0.55 fails), seed 0's 0.370 -> 0.263. 0.5 (+ decoder_steps=1000, a
     # decoder fine-tune, encoder frozen) brought seeds 0, 1, 2 all just under the held-out bar; 0.7 and 1.0
     # lose the shape (seed 1).
+    # ynn_fusions: the op kinds XLA:CPU hands to YNNPACK in this stage's step (ldm_jax.runtime.ynn_options).
     c.autoencoder = dict(steps=4000, batch_size=16, lr=1e-3, pixel_loss="l2", edge_weight=2.0, kl_weight=1e-6,
                          scale_equivariance_weight=0.0, latent_noise=0.0, decoder_steps=0, b1=0.5, b2=0.9,
                          lr_decay="constant", warmup_steps=0, ynn_fusions=("dot", "eltwise", "reduce"))
