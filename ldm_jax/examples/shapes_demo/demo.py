@@ -562,7 +562,7 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
         print(f"[demo] latent scaling_factor = {cfg.vae.scaling_factor:.4f} (1/std of the latents)")
     shape_split = latent_shape_split(cfg, vae_params)
     print("[demo] latents' variance (one centred shape, every shape and colour): shape {shape:.3f}, colour "
-          "{color:.3f}, interaction {interaction:.3f} (the recipe's runs that learnt the shapes read shape >= 0.37)"
+          "{color:.3f}, interaction {interaction:.3f} (the shape's share; docs/demo.md relates it to the runs' figures)"
           .format(**shape_split))
 
     t = time.time()
