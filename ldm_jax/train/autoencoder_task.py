@@ -148,11 +148,11 @@ def adaptive_weight(nll_grad: Any, g_grad: Any, disc_weight: float) -> Array:
 def make_forward(model: nn.Module, kind: str = "kl", latent_noise: float = 0.0) -> ForwardFn:
     """Adapter ``(params, x, key) -> (reconstruction, regulariser)`` for the loss.
 
-    ``kind='kl'``: ``AutoencoderKL``-like, ``model.apply(p, x, key=key, sample_posterior=True)``
-    -> ``(rec, posterior)``; regulariser ``posterior.kl()`` [B]. With ``latent_noise`` > 0 the
-    decoder reads ``z + t * std(z) * n`` instead of the posterior sample ``z`` (``n`` standard
-    normal, ``t ~ U(0, latent_noise)`` per example, ``std(z)`` over the batch, gradient stopped):
-    see :func:`noisy_latents`.
+    ``kind='kl'``: ``AutoencoderKL``-like (``encode`` -> posterior, ``decode``): decodes the posterior
+    sample ``z``, as ``model.apply(p, x, key=key, sample_posterior=True)`` does; regulariser
+    ``posterior.kl()`` [B]. With ``latent_noise`` > 0 the decoder reads ``z + t * std(z) * n`` instead
+    (``n`` standard normal, ``t ~ U(0, latent_noise)`` per example, ``std(z)`` over the batch, gradient
+    stopped): see :func:`noisy_latents`.
     ``kind='vq'``: ``model.apply(p, x)`` -> ``(rec, codebook_loss, ...)`` or ``(rec, info)`` with
     ``info['loss']``/``info['codebook_loss']``; regulariser the codebook loss.
     """
@@ -161,17 +161,11 @@ def make_forward(model: nn.Module, kind: str = "kl", latent_noise: float = 0.0) 
         raise ValueError(f"loss.latent_noise must be >= 0, got {latent_noise}")
     if latent_noise > 0 and kind != "kl":
         raise ValueError(f"loss.latent_noise > 0 needs loss.kind='kl', got {kind!r}")
-    if kind == "kl" and latent_noise > 0:
+    if kind == "kl":
 
         def forward(params, x, key):
             posterior, _, z = _encode(model, params, x, key, latent_noise)
             return model.apply({"params": params}, z, method=model.decode), posterior.kl()
-
-    elif kind == "kl":
-
-        def forward(params, x, key):
-            rec, posterior = model.apply({"params": params}, x, key=key, sample_posterior=True)
-            return rec, posterior.kl()
 
     elif kind == "vq":
 
@@ -217,11 +211,13 @@ def pool2(a: Array) -> Array:
 def _encode(model: nn.Module, params, x: Array, key: Array, latent_noise: float):
     """(posterior, its sample z, the latents the decoder reads: z, or :func:`noisy_latents` of z when
     ``latent_noise`` > 0) of a KL autoencoder."""
-    if latent_noise > 0:
-        key, k_noise = jax.random.split(key)
     posterior = model.apply({"params": params}, x, method=model.encode)
-    z = posterior.sample(key)
-    return posterior, z, noisy_latents(z, k_noise, latent_noise) if latent_noise > 0 else z
+    if latent_noise == 0:
+        z = posterior.sample(key)
+        return posterior, z, z
+    k_post, k_noise = jax.random.split(key)
+    z = posterior.sample(k_post)
+    return posterior, z, noisy_latents(z, k_noise, latent_noise)
 
 
 def make_scale_equivariant_forward(model: nn.Module, latent_noise: float = 0.0):

@@ -39,7 +39,7 @@ def get_config():
     # with 800 the held-out colour probe fell to 0.84 on one seed of three.
     c.text_pretrain = dict(steps=1600, batch_size=64, lr=1e-3)
     # Min-SNR-5 weighting and a cosine decay; cached latents (the training split encoded once by the
-    # frozen encoders) so that a step runs the UNet only and more steps fit the budget. 5000 steps (was 3000):
+    # frozen encoders) so that a step runs the UNet only and more steps fit the budget. 5000 steps:
     # +0.02-0.05 on every figure of seed 2's run at 4000 -> 5000, ~245 s on the reference machine.
     c.diffusion = dict(steps=5000, batch_size=16, lr=3e-3, warmup_steps=100, text_dropout=0.1, lr_decay="cosine",
                        min_snr_gamma=5.0, ynn_fusions=(), cached_latents=True)
