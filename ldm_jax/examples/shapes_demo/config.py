@@ -26,23 +26,25 @@ def get_config():
     # kl_weight: LDM's 1e-6. 1e-2 made the shape a larger part of seed 2's latents (demo.latent_shape_split:
     # shape 0.20 -> 0.39, its run then reached the shape figures) but not seed 1's (0.16 -> 0.21, no gain).
     # scale_equivariance_weight (Skorokhodov et al. 2025): 1.0 on seed 2 read shape 0.14, no better.
-    # latent_noise 0.3 (decode noisy latents, l-DeTok), with 5000 diffusion steps: seeds 0 and 1 pass (held-out
-    # 0.802 / 0.859), seed 2 misses by 0.01-0.02 (0.904 / 0.763); without the noise, at 3000 steps, seeds 1 and
-    # 2 fail on shape (held-out 0.707 / 0.747). 0.5 (+ decoder_steps=1000, a decoder fine-tune, encoder frozen)
-    # brought all three seeds just under the held-out bar on the AMD machine; 0.7 and 1.0 lose the shape.
+    # latent_noise 0.3 (decode noisy latents, l-DeTok): latents the diffusion model learns shapes in; without
+    # it, at 3000 diffusion steps, seeds 1 and 2 fail on shape (held-out 0.707 / 0.747); 0.7 and 1.0 lose the
+    # shape. The noise costs the decoder sharpness on clean latents (seed 2's shape round trip 0.83), so
+    # decoder_steps=1000 fine-tunes the decoder on clean latents, encoder frozen (the latents, hence the
+    # diffusion stage, are unchanged): round trip 0.83 -> 0.905, generated shape +0.03-0.05 (docs/demo.md).
     # ynn_fusions: the op kinds XLA:CPU hands to YNNPACK in this stage's step (ldm_jax.runtime.ynn_options).
     c.autoencoder = dict(steps=4000, batch_size=16, lr=1e-3, pixel_loss="l2", edge_weight=2.0, kl_weight=1e-6,
-                         scale_equivariance_weight=0.0, latent_noise=0.3, decoder_steps=0, b1=0.5, b2=0.9,
+                         scale_equivariance_weight=0.0, latent_noise=0.3, decoder_steps=1000, b1=0.5, b2=0.9,
                          lr_decay="constant", warmup_steps=0, ynn_fusions=("dot", "eltwise", "reduce"))
     # The frozen text encoder is first trained to read the training captions' attributes: the stand-in
     # for CLIP pretraining, since a frozen *random* encoder cannot bind colours to objects. 1600 steps:
     # with 800 the held-out colour probe fell to 0.84 on one seed of three.
     c.text_pretrain = dict(steps=1600, batch_size=64, lr=1e-3)
-    # Min-SNR-5 weighting and a cosine decay; cached latents (the training split encoded once by the
-    # frozen encoders) so that a step runs the UNet only and more steps fit the budget. 5000 steps:
-    # +0.02-0.05 on every figure of seed 2's run at 4000 -> 5000, ~245 s on the reference machine.
+    # Min-SNR weighting with gamma 1 (low-noise steps weigh less than with gamma 5: seed 2's held-out shape
+    # 0.656 -> 0.727, docs/demo.md) and a cosine decay; cached latents (the training split encoded once by
+    # the frozen encoders) so that a step runs the UNet only and more steps fit the budget. 5000 steps:
+    # +0.02-0.05 on every figure of seed 2's run at 4000 -> 5000; 6000 gave nothing more.
     c.diffusion = dict(steps=5000, batch_size=16, lr=3e-3, warmup_steps=100, text_dropout=0.1, lr_decay="cosine",
-                       min_snr_gamma=5.0, ynn_fusions=(), cached_latents=True)
+                       min_snr_gamma=1.0, ynn_fusions=(), cached_latents=True)
     # Guidance 1 and 3: the bar's pair (7.5 was never the best guidance of a demo model, docs/demo.md),
     # so the evaluation samples 2 x 2 x 256 images, not 3 x 2 x 256. DPM-Solver++(2M) in 15 steps reads what
     # DDIM in 25 did (one model, 256 prompts: seen 0.964 / 0.964, held-out 0.849 / 0.858) with 40% fewer
