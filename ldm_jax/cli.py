@@ -6,11 +6,18 @@ Config overrides follow big_vision: ``ldm-jax train --config tiny_train --workdi
 
 As an entry point it opts into the process-level settings of :mod:`ldm_jax.runtime`: the
 persistent compilation cache and, on the CPU backend only, the CPU tuning.
+
+Errors are one line on stderr, ``ldm-jax: error: ...`` (a traceback only with ``--debug`` or
+``LDM_JAX_DEBUG=1``). Exit codes: 0 done; 1 a failure while running (a checkpoint that cannot be
+written, a diverged run, non-finite images); 2 bad input (arguments, config values, files, another
+trainer on the workdir); 130 / 143 a training run stopped by SIGINT / SIGTERM after saving its
+checkpoint (128 + the signal, the shell's convention), to be resumed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -47,14 +54,20 @@ def cmd_sample(args) -> None:
         allow_pickle=args.allow_pickle,
         step=args.step,
         ema=args.ema,
+        tokenizer=args.tokenizer,
     )
 
 
-def cmd_train(args, overrides) -> None:
+def cmd_train(args, overrides) -> int:
     from ldm_jax.config_utils import load_config
     from ldm_jax.train import train
 
-    train(load_config(args.config, overrides), args.workdir)
+    result = train(load_config(args.config, overrides), args.workdir)
+    if result.stopped_by is not None:
+        print(f"ldm-jax: stopped by signal {result.stopped_by} after saving a checkpoint at step "
+              f"{int(result.state.step)}; rerun the same command to resume", file=sys.stderr)
+        return 128 + int(result.stopped_by)
+    return 0
 
 
 def cmd_convert(args) -> None:
@@ -106,6 +119,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-jax", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or LDM_JAX_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="text-to-image, img2img or inpainting; writes PNGs and a grid")
@@ -120,10 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--init-image", default=None, help="img2img: start from this image")
-    s.add_argument("--strength", type=float, default=0.75)
+    s.add_argument("--strength", type=float, default=None,
+                   help="how much of --init-image to repaint, in (0, 1] (default 0.75; 1.0 with --mask)")
     s.add_argument("--mask", default=None, help="inpainting: white = repaint (needs --init-image)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt/.bin (runs code!)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (a workdir trained without one)")
     _add_checkpoint_args(s)
     s.add_argument("--out", required=True)
 
@@ -190,12 +206,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_code(e: BaseException) -> int | None:
+    """1 for failures while running, 2 for bad input, None for errors that are bugs (traceback)."""
+    from ldm_jax.convert.torch_flax import WeightsError
+    from ldm_jax.errors import CheckpointRestoreError, CheckpointSaveError, TrainingDiverged, WorkdirLocked
+    from ldm_jax.storage import StorageError
+
+    if isinstance(e, (CheckpointSaveError, TrainingDiverged, StorageError, FloatingPointError, OSError)) \
+            and not isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return 1
+    if isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                      WeightsError, CheckpointRestoreError, WorkdirLocked, UnicodeError)):
+        return 2
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    return text or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (0, or 128 + a signal for a stopped training run).
+    Errors raise (the console entry point, :func:`cli`, turns them into one line and an exit code)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
-    args = build_parser().parse_args(rest)
+    rest = [a for a in rest if a != "--debug"]  # accepted anywhere on the line (see cli)
+    parser = build_parser()
+    args = parser.parse_args(rest)  # bad arguments: argparse's one-line usage error, exit 2
     if overrides and args.command not in ("train", "bench", "demo"):
-        raise SystemExit(f"--config.* overrides are not accepted by `{args.command}`")
+        parser.error(f"--config.* overrides are not accepted by `{args.command}`")
     handlers = {
         "sample": lambda: cmd_sample(args),
         "train": lambda: cmd_train(args, overrides),
@@ -205,8 +245,25 @@ def main(argv: list[str] | None = None) -> int:
         "eval": lambda: cmd_eval(args),
         "encode-dataset": lambda: cmd_encode_dataset(args),
     }
-    handlers[args.command]()
-    return 0
+    return int(handlers[args.command]() or 0)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` as the command line runs it: an error of a known kind is one line on stderr and
+    its exit code (see the module doc); ``--debug`` or ``LDM_JAX_DEBUG=1`` shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LDM_JAX_DEBUG", "") not in ("", "0")
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("ldm-jax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - mapped to one line and an exit code below
+        code = _exit_code(e)
+        if debug or code is None:
+            raise
+        print(f"ldm-jax: error: {_one_line(e)}", file=sys.stderr)
+        return code
 
 
 def run() -> None:
@@ -219,7 +276,7 @@ def run() -> None:
     runtime.reexec_with_cpu_tuning("ldm_jax.cli", sys.argv[1:], backend)
     runtime.enable_cpu_tuning(backend)
     runtime.enable_compilation_cache()
-    sys.exit(main())
+    sys.exit(cli())
 
 
 if __name__ == "__main__":

@@ -48,7 +48,14 @@ def _as_float_image(image: Any, what: str) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255.0
+    elif not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool):
+        raise ValueError(f"{what}: expected a PIL image, uint8 (0-255) or float (0-1) array, got dtype {arr.dtype}")
     arr = arr.astype(np.float32)
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{what}: holds NaN or infinite values")
+    if arr.size and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
+        raise ValueError(f"{what}: float values must be in [0, 1], got [{arr.min():.4g}, {arr.max():.4g}] "
+                         f"(a 0-255 image must be uint8)")
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim == 3:
@@ -90,6 +97,11 @@ def preprocess_mask(mask: Any, height: int, width: int) -> np.ndarray:
     if arr.shape[1:3] != (height, width):
         raise ValueError(f"mask is {arr.shape[2]}x{arr.shape[1]} (WxH) but the image is {width}x{height}")
     return (arr >= 0.5).astype(np.float32)
+
+
+def _bad_rows(x: np.ndarray) -> str:
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(-1))
+    return f"{len(bad)} of {len(x)} images (rows {', '.join(map(str, bad[:8]))}{', ...' if len(bad) > 8 else ''})"
 
 
 def to_pil(images: np.ndarray) -> list:
@@ -204,8 +216,8 @@ class StableDiffusionPipeline:
         if not isinstance(tokenizer, PromptTokenizer):
             source = tokenizer or loaded.tokenizer_path or loaded.config.get("tokenizer")
             if not source:
-                raise ValueError(f"{path_or_id!r} names no tokenizer (config.tokenizer is empty): pass "
-                                 f"tokenizer=<folder or hub id> to from_pretrained")
+                raise ValueError(f"{path_or_id!r} names no tokenizer (its config.tokenizer is empty): pass one "
+                                 f"(a folder or hub id; `ldm-jax sample --tokenizer`, from_pretrained(tokenizer=))")
             tokenizer = PromptTokenizer.from_pretrained(source)
         return cls(loaded.config, loaded.params, tokenizer, dtype=dtype, **kwargs)
 
@@ -260,30 +272,58 @@ class StableDiffusionPipeline:
 
     # -- the three steps -------------------------------------------------------------------
 
-    def _validate(self, prompts, height, width, steps, sampler, guidance_scale):
+    def _validate(self, prompts, height, width, steps, sampler, guidance_scale, num_images_per_prompt=1,
+                  guidance_rescale=0.0):
         if not prompts:
             raise ValueError("prompt list is empty")
-        if any(not isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be strings")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise ValueError(f"prompt must be a string or a list of strings, got {type(p).__name__} "
+                                 f"({'prompt' if len(prompts) == 1 else f'item {i}'})")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt {i} is not valid UTF-8 text ({e.reason} at character {e.start})") from None
         for name, v in (("height", height), ("width", width)):
-            if int(v) != v or v <= 0 or v % (8 if self.vae_scale <= 8 else self.vae_scale):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
+            if v <= 0 or v % (8 if self.vae_scale <= 8 else self.vae_scale):
                 raise ValueError(f"{name}={v} must be a positive multiple of {max(8, self.vae_scale)}")
-        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        n = num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
         sampler_class(sampler)  # unknown sampler -> ValueError listing the valid ones
-        if not np.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if not isinstance(guidance_scale, (int, float, np.number)) or not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not isinstance(guidance_rescale, (int, float, np.number)) or not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        self._check_fits(len(prompts) * n * (2 if guidance_scale > 1.0 else 1), int(height), int(width))
+
+    def _check_fits(self, rows: int, height: int, width: int) -> None:
+        """Refuse, before tracing, a size whose UNet activations alone cannot fit the device's memory
+        (a lower bound: ~50 live tensors of the first level's width at the latents' resolution)."""
+        tokens = (height // self.vae_scale) * (width // self.vae_scale)
+        need = 50 * rows * tokens * int(self.config.unet["block_out_channels"][0]) * 4
+        device = jax.local_devices()[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        have = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have:
+            raise ValueError(f"{width}x{height} px for {rows} rows needs at least {need / 2**30:.0f} GiB of "
+                             f"activations; this {device.platform} device has {have / 2**30:.0f} GiB")
 
     def _conditioning(self, prompt, negative_prompt, num_images_per_prompt, height, width, steps, sampler,
-                      guidance_scale, sampler_options):
+                      guidance_scale, sampler_options, guidance_rescale=0.0):
         """-> (context, sampler, latent shape, cfg): prompts encoded (with each negative prompt, in
         (negative, prompt) pairs, when guided) and the sampler built."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt, (list, tuple)) else list(prompt)
         cfg = self.config
         default = int(cfg.unet["sample_size"]) * self.vae_scale
         height = default if height is None else height
         width = default if width is None else width
-        self._validate(prompts, height, width, steps, sampler, guidance_scale)
+        self._validate(prompts, height, width, steps, sampler, guidance_scale, num_images_per_prompt,
+                       guidance_rescale)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -304,6 +344,8 @@ class StableDiffusionPipeline:
         if latents is None:
             return jax.random.normal(rng, shape, jnp.float32)
         lat = np.asarray(latents, np.float32)
+        if not np.isfinite(lat).all():
+            raise ValueError("latents hold NaN or infinite values")
         if lat.ndim == 4 and lat.shape[-1] != shape[-1] and lat.shape[1] == shape[-1]:
             lat = lat.transpose(0, 2, 3, 1)  # NCHW -> NHWC
         if lat.shape != shape:
@@ -326,10 +368,17 @@ class StableDiffusionPipeline:
     def decode(self, latents: jax.Array, output_type: str = "pil"):
         """Latents -> ``"pil"`` (list of images), ``"np"`` (float ``[B,H,W,3]`` in [0,1]) or ``"latent"``."""
         if output_type == "latent":
-            return np.asarray(latents)
+            return np.asarray(latents)  # raw latents as asked: a caller may want to inspect non-finite ones
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        lat = np.asarray(latents)
+        if not np.isfinite(lat).all():
+            raise FloatingPointError(f"the sampled latents hold NaN or infinite values in {_bad_rows(lat)}: "
+                                     f"non-finite model weights (check the model files), or an extreme guidance")
         images = np.asarray(self._decode(self.params["vae"], latents))
+        if not np.isfinite(images).all():
+            raise FloatingPointError(f"the decoded images hold NaN or infinite values in {_bad_rows(images)}: "
+                                     f"non-finite VAE weights (check the model files)")
         return to_pil(images) if output_type == "pil" else images
 
     def prepare_txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -340,7 +389,7 @@ class StableDiffusionPipeline:
         """The :class:`DenoiseInputs` of a text-to-image call (see :meth:`__call__`)."""
         context, smp, shape, use_cfg = self._conditioning(
             prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
-            guidance_scale, sampler_options)
+            guidance_scale, sampler_options, guidance_rescale)
         rng_noise, rng_loop = jax.random.split(jax.random.key(seed))
         x = self._initial_noise(latents, shape, rng_noise) * smp.init_noise_sigma
         return self._inputs("txt2img", num_inference_steps, context, smp, use_cfg, x, guidance_scale,
@@ -383,7 +432,7 @@ class StableDiffusionPipeline:
         height, width = _as_float_image(image, "image").shape[1:3]
         context, smp, shape, use_cfg = self._conditioning(
             prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
-            guidance_scale, sampler_options)
+            guidance_scale, sampler_options, guidance_rescale)
         start = smp.start_index(strength)
         rng_enc, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 3)
         image_latents = self._image_latents(image, height, width, shape[0], rng_enc, posterior)
@@ -392,10 +441,11 @@ class StableDiffusionPipeline:
                               guidance_rescale, rng_loop, start)
         return self.decode(self.denoise(inputs), output_type)
 
-    def _image_latents(self, image, height, width, batch, rng, posterior):
+    def _image_latents(self, image, height, width, batch, rng, posterior, pixels=None):
+        """Latents of ``image`` (or of ``pixels``, already preprocessed to [-1, 1]), repeated to ``batch``."""
         if posterior not in ("sample", "mode"):
             raise ValueError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
-        pixels = preprocess_image(image, height, width)
+        pixels = preprocess_image(image, height, width) if pixels is None else pixels
         if batch % pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images for a batch of {batch}")
         lat = self._encode_image(self.params["vae"], jnp.asarray(pixels), rng, sample=posterior == "sample")
@@ -417,7 +467,7 @@ class StableDiffusionPipeline:
         mask = preprocess_mask(mask_image, height, width)
         context, smp, shape, use_cfg = self._conditioning(
             prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
-            guidance_scale, sampler_options)
+            guidance_scale, sampler_options, guidance_rescale)
         in_channels = int(self.config.unet["in_channels"])
         mode = "inpaint_unet" if in_channels == 2 * self.latent_channels + 1 else "inpaint_blend"
         if mode == "inpaint_blend" and in_channels != self.latent_channels:
@@ -433,7 +483,7 @@ class StableDiffusionPipeline:
         x = eps * smp.init_noise_sigma if strength == 1.0 else smp.add_noise(image_latents, eps, start)
         if mode == "inpaint_unet":
             masked = pixels * (mask < 0.5)
-            masked_latents = self._image_latents(masked, height, width, b, rng_mask, posterior)
+            masked_latents = self._image_latents(None, height, width, b, rng_mask, posterior, pixels=masked)
             cond = {"mask": latent_mask, "masked_latents": masked_latents}
         else:
             cond = {"image_latents": image_latents, "noise": eps, "latent_mask": latent_mask}
@@ -442,42 +492,77 @@ class StableDiffusionPipeline:
         return self.decode(self.denoise(inputs), output_type)
 
 
+def _open_image(path: str, mode: str, what: str):
+    """``path`` as a PIL image in ``mode``, decoded now: a missing, truncated or non-image file is a
+    one-line error naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
+        raise ValueError(f"{what} {path!r} cannot be read as an image: {' '.join(str(e).split())}") from None
+
+
+def _save_png(image, path: str) -> None:
+    """Write whole or not at all: a full disk never leaves a 0-byte or partial PNG at ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num_images: int = 1,
                   height=None, width=None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                  sampler: str = "ddim", seed: int = 0, init_image=None, strength: float = 0.75, mask=None,
+                  sampler: str = "ddim", seed: int = 0, init_image=None, strength: float | None = None, mask=None,
                   dtype: str = "float32", allow_pickle: bool = False, step: int | None = None,
-                  ema: bool | None = None) -> list[str]:
+                  ema: bool | None = None, tokenizer: str | None = None) -> list[str]:
     """What ``ldm-jax sample`` does: load, sample (txt2img / img2img / inpaint), write PNGs and a grid.
 
-    ``step``/``ema``: checkpoint and EMA/raw weights when ``model`` is a training workdir."""
-    from PIL import Image
+    ``strength``: img2img and inpainting (default 0.75 and 1.0, as their methods). ``step``/``ema``:
+    checkpoint and EMA/raw weights when ``model`` is a training workdir; ``tokenizer`` replaces the
+    model's own. Images are written atomically (a temporary file renamed)."""
     from tqdm.auto import tqdm
 
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt, (list, tuple)) else list(prompt)
     if not prompts:
         raise ValueError("no prompt given")
     if mask is not None and init_image is None:
         raise ValueError("--mask needs --init-image (the image to inpaint)")
+    if strength is not None and init_image is None:
+        raise ValueError("--strength needs --init-image (img2img or inpainting)")
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images!r}")
+    img = _open_image(init_image, "RGB", "--init-image") if init_image is not None else None
+    mask_img = _open_image(mask, "L", "--mask") if mask is not None else None
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle,
-                                                   step=step, ema=ema)
+                                                   step=step, ema=ema, tokenizer=tokenizer)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                   num_images_per_prompt=num_images)
     os.makedirs(out_dir, exist_ok=True)
     written, images = [], []
     for k, p in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
-        if init_image is not None:
-            img = Image.open(init_image).convert("RGB")
-            if mask is not None:
-                out = pipe.inpaint(p, img, Image.open(mask).convert("L"), negative_prompt, seed=seed + k, **common)
-            else:
-                out = pipe.img2img(p, img, strength, negative_prompt, seed=seed + k, **common)
+        if mask_img is not None:
+            out = pipe.inpaint(p, img, mask_img, negative_prompt, seed=seed + k,
+                               strength=1.0 if strength is None else strength, **common)
+        elif img is not None:
+            out = pipe.img2img(p, img, 0.75 if strength is None else strength, negative_prompt, seed=seed + k,
+                               **common)
         else:
             out = pipe(p, negative_prompt, height=height, width=width, seed=seed + k, **common)
         for j, im in enumerate(out):
             path = os.path.join(out_dir, f"{k:03d}_{j:02d}.png")
-            im.save(path)
+            _save_png(im, path)
             written.append(path)
         images.extend(out)
     grid = os.path.join(out_dir, "grid.png")
-    make_grid(images, cols=num_images if len(prompts) > 1 else None).save(grid)
+    _save_png(make_grid(images, cols=num_images if len(prompts) > 1 else None), grid)
     return written + [grid]

@@ -148,16 +148,22 @@ def test_missing_step_and_no_complete_checkpoint(run):
         StableDiffusionPipeline.from_pretrained(empty)
 
 
-def test_corrupt_checkpoint_is_a_clear_error(run):
+def test_corrupt_checkpoint_is_a_clear_error_and_the_default_falls_back(run, caplog):
     wd = _copy(run, "corrupt")
     state = os.path.join(wd, "checkpoints", "3", "state")
     for dirpath, _, files in os.walk(state):
         for f in files:
             if dirpath.endswith(os.sep + "d"):  # the OCDBT data files
                 open(os.path.join(dirpath, f), "wb").close()
-    with pytest.raises(WeightsError, match="checkpoint of step 3 .* cannot be read"):
-        load_model(wd)
-    load_model(wd, step=2)  # the older checkpoints still load
+    with pytest.raises(WeightsError, match="checkpoint of step 3 .* cannot be read") as err:
+        load_model(wd, step=3)
+    assert "\n" not in str(err.value)
+    with caplog.at_level("WARNING"):  # the latest by default: the newest one that reads, saying which it skipped
+        fallback = load_model(wd)
+    assert "checkpoint of step 3" in caplog.text and "using the one before it" in caplog.text
+    older = load_model(wd, step=2)
+    for a, b in zip(jax.tree.leaves(fallback.params["unet"]), jax.tree.leaves(older.params["unet"])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_missing_pieces_are_clear_errors(run, tmp_path):

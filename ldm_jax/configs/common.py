@@ -24,6 +24,11 @@ def loop_config(**overrides) -> ml_collections.ConfigDict:
         preview_every=0,  # images to TensorBoard (EMA samples, reconstructions); 0: off
         preview_count=8,
         prefetch=2,  # global batches on the devices ahead of the step (0 or 1: read when the step needs it)
+        # Divergence: the run stops with an error (nothing saved after the divergence) when this many
+        # steps in a row were non-finite (skipped), or more than max_skipped_fraction of the last 100
+        # steps (checked from the 20th step on); 0 turns either check off.
+        max_consecutive_skipped=100,
+        max_skipped_fraction=0.5,
         compilation_cache_dir="",  # persistent XLA cache: restarts (preemption, resume) skip compiling
         # XLA options of the jitted init and step: None for the backend's defaults (plus the CPU tuning
         # when the entry point opted in, ldm_jax.runtime); a dict for exactly these options, e.g.

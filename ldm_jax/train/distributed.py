@@ -106,9 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     except ValueError as err:
         p.error(str(err))
-    from ldm_jax.cli import main as cli_main
+    from ldm_jax.cli import cli as run_cli
 
-    return cli_main(command)
+    return run_cli(command)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,25 @@ saved. The loop starts ``jax.distributed`` when configured, builds the mesh, com
 init and step, writes ``config.json`` and the task's model files into the workdir, restores the
 latest checkpoint, feeds global batches stage by stage, logs metrics to TensorBoard and a progress
 bar, writes previews, checkpoints every ``checkpoint_every`` steps with the data position, and
-turns SIGTERM into a final checkpoint and a clean stop. A run stopped at step N and resumed is
-bit-identical to an uninterrupted one.
+turns SIGTERM or Ctrl-C into a final checkpoint and a clean stop. A run stopped at step N and resumed
+is bit-identical to an uninterrupted one.
+
+Faults: one trainer per workdir (:class:`~ldm_jax.train.workdir.WorkdirLock`); a failed save stops
+the run at once (:class:`~ldm_jax.train.checkpoint.CheckpointSaveError`), keeping every complete
+checkpoint; a resumed run falls back from a checkpoint that does not restore to the one before it;
+a diverged run (non-finite steps, ``train.max_consecutive_skipped`` / ``max_skipped_fraction``)
+stops with :class:`TrainingDiverged` before it saves anything diverged.
 
 Settings come from ``config.train`` (:func:`ldm_jax.configs.common.loop_config`), ``config.mesh``,
 ``config.sharding`` and ``config.distributed``.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -30,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ldm_jax.configs.common import LOOP_KEYS
+from ldm_jax.errors import TrainingDiverged
 from ldm_jax.runtime import enable_compilation_cache, jit_compiler_options
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.data.pipeline import DevicePrefetchIterator
@@ -37,7 +46,8 @@ from ldm_jax.train import distributed, sharding
 from ldm_jax.train import workdir as workdir_lib
 from ldm_jax.train.writers import MetricsLog, MetricWriter
 
-__all__ = ["Stage", "Task", "Setup", "stage_index", "setup", "abstract_state", "compiler_options", "train"]
+__all__ = ["Stage", "Task", "Setup", "TrainResult", "TrainingDiverged", "stage_index", "setup", "abstract_state",
+           "compiler_options", "train"]
 
 Array = jax.Array
 
@@ -219,25 +229,111 @@ def setup(task: Task, mesh: Mesh) -> Setup:
     return Setup(task, mesh, state, aux, p.state_shardings, p.aux_shardings, p.step_fn)
 
 
+class _Divergence:
+    """Counts non-finite steps (a ``skipped`` metric, or a non-finite ``loss``) in the fetched metrics."""
+
+    WINDOW, MIN_STEPS = 100, 20
+
+    def __init__(self, max_consecutive: int, max_fraction: float):
+        self.max_consecutive, self.max_fraction = int(max_consecutive), float(max_fraction)
+        self.consecutive, self.total, self.seen = 0, 0, 0
+        self.recent: collections.deque = collections.deque(maxlen=self.WINDOW)
+
+    def check(self, history: list[dict], last_saved: int | None, saving: bool = False) -> None:
+        """Count the steps of ``history`` (the metrics log's, one row per step) not seen before; raise
+        :class:`TrainingDiverged` past a limit, warn about skipped steps. ``saving``: before a
+        checkpoint, the fraction counts from 5 steps on (a run diverged from its first steps is not saved)."""
+        rows, self.seen = history[self.seen:], len(history)
+        bad_steps = []
+        for r in rows:
+            skips = "skipped" in r  # the task skips non-finite updates: its state is still finite
+            bad = bool(r["skipped"]) if skips else not math.isfinite(r.get("loss", 0.0))
+            self.recent.append(bad)
+            self.consecutive = self.consecutive + 1 if bad else 0
+            if bad:
+                self.total += 1
+                bad_steps.append(int(r["step"]))
+            if bad and not skips:
+                self._stop(f"non-finite loss at step {r['step']} (the parameters are no longer finite)", last_saved)
+            if self.max_consecutive and self.consecutive >= self.max_consecutive:
+                self._stop(f"{self.consecutive} consecutive non-finite steps (skipped) up to step {r['step']}",
+                           last_saved)
+            self._check_fraction(r["step"], self.MIN_STEPS, last_saved)
+        if saving:
+            self._check_fraction(history[-1]["step"] if history else 0, 5, last_saved)
+        if bad_steps:
+            logging.warning("skipped %d non-finite step(s) (%s); %d in this run so far", len(bad_steps),
+                            ", ".join(map(str, bad_steps[:5])) + (", ..." if len(bad_steps) > 5 else ""), self.total)
+
+    def _check_fraction(self, step: int, min_steps: int, last_saved: int | None) -> None:
+        n, bad = len(self.recent), sum(self.recent)
+        if self.max_fraction and n >= min_steps and bad / n > self.max_fraction:
+            self._stop(f"{bad} of the last {n} steps non-finite (skipped) at step {step}", last_saved)
+
+    @staticmethod
+    def _stop(what: str, last_saved: int | None):
+        kept = f"the last checkpoint (step {last_saved}) is kept" if last_saved is not None else "no checkpoint saved"
+        raise TrainingDiverged(f"training diverged: {what}; {kept}. Lower train.lr, check the data, or raise "
+                               f"train.max_consecutive_skipped / max_skipped_fraction")
+
+
+class TrainResult(tuple):
+    """What :func:`train` returns: ``(state, history)`` (unpacks as a pair), and ``stopped_by``: the
+    signal (``signal.SIGTERM``, ``signal.SIGINT``) that stopped the run after its checkpoint, or None
+    when it ran to its last step."""
+
+    def __new__(cls, state, history, stopped_by: int | None = None):
+        self = super().__new__(cls, (state, history))
+        self.stopped_by = stopped_by
+        return self
+
+    @property
+    def state(self):
+        return self[0]
+
+    @property
+    def history(self) -> list[dict]:
+        return self[1]
+
+
+def _check_loop_config(t) -> None:
+    """The loop's settings, refused before anything is written into the workdir."""
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
+        if int(t[key]) < 1:
+            raise ValueError(f"config.train.{key} must be >= 1, got {t[key]}")
+    for key in ("keep_every", "preview_every", "max_consecutive_skipped"):
+        if int(t[key]) < 0:
+            raise ValueError(f"config.train.{key} must be >= 0, got {t[key]}")
+    if not 0 <= float(t.max_skipped_fraction) <= 1:
+        raise ValueError(f"config.train.max_skipped_fraction must be in [0, 1], got {t.max_skipped_fraction}")
+
+
 def _data_states(meta: dict) -> dict:
     """``{stage index: [every process's data state]}`` from a checkpoint's metadata."""
     data = meta.get("data", {})
     return {"0": data} if isinstance(data, list) else dict(data)
 
 
-def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = None) -> tuple[Any, list[dict]]:
-    """Train ``task`` through its stages; resumes from ``workdir``'s latest checkpoint.
+def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = None) -> TrainResult:
+    """Train ``task`` through its stages; resumes from ``workdir``'s latest checkpoint (the newest
+    that restores).
 
     Multi-host: set ``config.distributed``; each process feeds its rows of every global batch.
-    SIGTERM saves a checkpoint and returns. ``devices``: the mesh's devices (default all).
+    SIGTERM or SIGINT saves a checkpoint and returns (``stopped_by`` says which); a second SIGINT
+    aborts. ``devices``: the mesh's devices (default all).
 
-    Returns: the final state and the metrics history (one dict per step; TensorBoard and the
-    progress bar get them every ``config.train.log_every`` steps).
+    Returns: a :class:`TrainResult`: the final state and the metrics history (one dict per step;
+    TensorBoard and the progress bar get them every ``config.train.log_every`` steps).
+
+    Raises:
+      WorkdirLocked: another trainer holds ``workdir``.
+      CheckpointSaveError: a checkpoint could not be written (the earlier ones are kept).
+      CheckpointRestoreError: no checkpoint of ``workdir`` restores.
+      TrainingDiverged: too many non-finite steps (see ``config.train.max_consecutive_skipped``).
     """
-    from tqdm.auto import tqdm
-
     config = task.config
     t = config.train
+    _check_loop_config(t)
     distributed.initialize_from_config(config.distributed)
     if t.compilation_cache_dir:
         enable_compilation_cache(t.compilation_cache_dir)
@@ -249,16 +345,33 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
         sharding.local_batch_rows(mesh, stage.batch_size)
     total = sum(s.steps for s in stages)
     ts = setup(task, mesh)
+    lock = workdir_lib.WorkdirLock(workdir)
+    if jax.process_index() == 0:  # one holder for all the run's processes
+        lock.acquire()
+    try:
+        return _run(task, workdir, t, mesh, stages, total, ts, config)
+    finally:
+        lock.release()
+
+
+def _run(task, workdir, t, mesh, stages, total, ts, config) -> TrainResult:
+    from tqdm.auto import tqdm
+
     workdir_lib.write_config(workdir, config)
     task.write_workdir(workdir, ts.aux)
     state = ts.state
     ckpt = workdir_lib.open_checkpoints(workdir, t)
     meta: dict = {}
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(ckpt_lib.abstract_like(state, ts.state_shardings))
+        try:
+            state, meta = ckpt.restore(ckpt_lib.abstract_like(state, ts.state_shardings))
+        except BaseException:
+            ckpt.close()
+            raise
         logging.info("%s: resumed from step %d", task.name, int(state.step))
     step = int(state.step)
     data_states = _data_states(meta)
+    last_saved = ckpt.latest_step()
 
     writer = MetricWriter(workdir_lib.tensorboard_dir(workdir) if t.tensorboard else None)
     bar = tqdm(total=total, initial=step, desc=task.name, dynamic_ncols=True,
@@ -266,8 +379,11 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
     log_every, preview_every = int(t.log_every), int(t.preview_every)
     current, source = None, None
     metrics_log = MetricsLog(rate_in_history=True)
+    divergence = _Divergence(t.max_consecutive_skipped, t.max_skipped_fraction)
+    guard = ckpt_lib.PreemptionGuard(check_every=int(t.preemption_check_every))
+    failed = True
     try:
-        with ckpt_lib.PreemptionGuard(check_every=int(t.preemption_check_every)) as guard:
+        with guard:
             while step < total:
                 idx = stage_index(stages, step)
                 stage = stages[idx]
@@ -290,6 +406,7 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
                 bar.update(1)
                 if step % log_every == 0 or step == total:
                     m = metrics_log.flush()
+                    divergence.check(metrics_log.history, last_saved)
                     m["stage"] = idx
                     writer.scalars(step, {k: v for k, v in m.items() if k != "step"})
                     writer.flush()
@@ -300,14 +417,25 @@ def train(task: Task, workdir: str, *, devices: Sequence[jax.Device] | None = No
                         writer.image(step, tag, grid)
 
                 def checkpoint_meta():  # gathers every process's data position: a collective
+                    nonlocal last_saved
+                    metrics_log.fetch()  # a diverged state is never saved
+                    divergence.check(metrics_log.history, last_saved, saving=True)
+                    last_saved = step
                     data_states[str(idx)] = ckpt_lib.allgather_json(source.get_state())
                     return {"stage": idx, "step": step, "data": data_states}
 
                 if ckpt.save_or_stop(guard, step, state, checkpoint_meta, last=step == total):
                     break
+        failed = False
     finally:
         history = metrics_log.close()
         bar.close()
-        ckpt.close()
         writer.close()
-    return state, history
+        if failed:  # keep the error being raised; a save in flight still completes (or is reported in the log)
+            try:
+                ckpt.close()
+            except Exception as e:  # noqa: BLE001
+                logging.warning("while stopping: %s", e)
+        else:
+            ckpt.close()
+    return TrainResult(state, history, guard.signum)

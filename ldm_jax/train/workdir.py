@@ -9,6 +9,7 @@ This module is the only one that knows the layout; the loop writes through it an
   workdir/frozen/text_encoder.safetensors diffusion: the frozen CLIP text encoder params (Flax layout, '/' keys)
   workdir/frozen/vae.safetensors          diffusion: the frozen VAE params (absent when trained on latents)
   workdir/tokenizer/                      diffusion: a copy of ``config.tokenizer`` when that is a local folder
+  workdir/lock.json                       the running trainer (host, pid): one writer per workdir
 
 The frozen encoders are written once, when the workdir is created (a resumed run keeps them):
 whatever the trainer was given, in-memory params included, sampling gets the same weights.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -31,9 +33,10 @@ from ldm_jax import storage
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_state_dict
 from ldm_jax.convert.diffusers_folder import LoadedModel, _make_config, build_configs_and_shapes
 from ldm_jax.convert.torch_flax import WeightsError
+from ldm_jax.errors import WorkdirLocked
 from ldm_jax.train.checkpoint import CheckpointManager
 
-__all__ = ["CONFIG_FILE", "FROZEN_DIR", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "TENSORBOARD_DIR", "is_training_workdir",
+__all__ = ["CONFIG_FILE", "FROZEN_DIR", "LOCK_FILE", "WorkdirLocked", "WorkdirLock", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "TENSORBOARD_DIR", "is_training_workdir",
            "write_config", "write_frozen", "tensorboard_dir", "open_checkpoints", "checkpoint_steps", "restore_unet_params",
            "load_workdir"]
 
@@ -41,6 +44,7 @@ CONFIG_FILE = "config.json"
 FROZEN_DIR = "frozen"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = "lock.json"
 TENSORBOARD_DIR = "tensorboard"
 _FROZEN_FILES = {"text": "text_encoder.safetensors", "vae": "vae.safetensors"}
 _FORMAT = {"format": "flax", "writer": "ldm_jax.train.workdir"}
@@ -130,6 +134,97 @@ def open_checkpoints(workdir: str, train) -> CheckpointManager:
                              async_save=bool(train.async_checkpoints))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class WorkdirLock:
+    """``workdir/lock.json``: one trainer per workdir (process 0 of a run holds it for all its processes).
+
+    The file names its owner (host, pid, start time). A second trainer is refused with a
+    :class:`WorkdirLocked` naming the owner; a lock whose owner is a dead process of this host is
+    stale and taken over with a warning. Local files are created exclusively (``O_EXCL``); on a
+    bucket the lock is written when absent and read back to check that this trainer won.
+    """
+
+    def __init__(self, workdir: str):
+        import socket
+        import uuid
+
+        self.workdir = os.fspath(workdir)
+        self.path = storage.join(self.workdir, LOCK_FILE)
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                     "token": uuid.uuid4().hex}
+        self.held = False
+
+    def _refusal(self, owner: dict) -> WorkdirLocked:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("started", 0))))
+        return WorkdirLocked(f"workdir {self.workdir} is in use by another trainer (pid {owner.get('pid')} on "
+                             f"{owner.get('host')}, since {since}); stop it, or delete {self.path} if it is dead")
+
+    def _stale(self, owner: dict) -> bool:
+        return owner.get("host") == self.info["host"] and not _pid_alive(owner.get("pid", -1))
+
+    def _read_owner(self) -> dict | None:
+        try:
+            return storage.read_json(self.path)
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a half-written lock of a trainer killed while writing it: stale
+            return {}
+
+    def acquire(self) -> "WorkdirLock":
+        data = json.dumps(self.info).encode()
+        for _ in range(3):
+            owner = self._read_owner()
+            if owner is not None:
+                if owner and not self._stale(owner):
+                    raise self._refusal(owner)
+                logging.warning("workdir %s: taking over the stale lock of pid %s on %s (not running)",
+                                self.workdir, owner.get("pid"), owner.get("host"))
+                if storage.is_remote(self.path):
+                    storage.remove(self.path)
+                else:  # a rename only one of several racing trainers wins
+                    try:
+                        os.replace(self.path, f"{self.path}.stale-{self.info['token']}")
+                        os.remove(f"{self.path}.stale-{self.info['token']}")
+                    except FileNotFoundError:
+                        pass
+            if storage.is_remote(self.path):
+                storage.write_bytes(self.path, data)
+                if (self._read_owner() or {}).get("token") == self.info["token"]:
+                    self.held = True
+                    return self
+                continue
+            os.makedirs(self.workdir, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self.held = True
+            return self
+        raise self._refusal(self._read_owner() or {})
+
+    def release(self) -> None:
+        if self.held and (self._read_owner() or {}).get("token") == self.info["token"]:
+            storage.remove(self.path)
+        self.held = False
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 # ----------------------------------------------------------------------------------------- reading
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     """Steps of the complete (finalised) checkpoints in ``workdir/checkpoints``, ascending."""
@@ -155,40 +250,52 @@ class _QuietAbsl:
 
 def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, ema: bool = True
                         ) -> tuple[dict, int]:
-    """``(UNet params as numpy arrays, step)`` from checkpoint ``step`` (default: the latest complete one).
+    """``(UNet params as numpy arrays, step)`` from checkpoint ``step`` (default: the newest complete
+    one that can be read; a newer one that cannot is skipped with a warning naming it and why).
 
     Only the ``ema_params`` (``ema=True``) or ``params`` subtree is read, onto the host: the mesh
     the run trained on, its optimizer state and its device count do not matter.
 
     Raises:
       FileNotFoundError: no complete checkpoint, or ``step`` is not among them.
-      WeightsError: the checkpoint cannot be read (corrupt, truncated, not a diffusion train state).
+      WeightsError: the checkpoint (``step``, or every one) cannot be read (corrupt, truncated, not a
+        diffusion train state).
     """
+    from ldm_jax.train.checkpoint import describe_error
+
     workdir = os.fspath(workdir)
     steps = checkpoint_steps(workdir)
     ckpt_dir = storage.join(workdir, CHECKPOINTS_DIR)
     if not steps:
         raise FileNotFoundError(f"training workdir {workdir!r} has no complete checkpoint in {ckpt_dir!r} "
                                 f"(training not started, or stopped before its first save finished)")
-    if step is None:
-        step = steps[-1]
-    elif int(step) not in steps:
+    if step is not None and int(step) not in steps:
         raise FileNotFoundError(f"training workdir {workdir!r} has no complete checkpoint of step {step}; "
                                 f"complete checkpoints: {steps}")
-    step = int(step)
+    candidates = [int(step)] if step is not None else steps[::-1]
     key = "ema_params" if ema else "params"
+    reasons = []
     with _QuietAbsl():
         mngr = CheckpointManager(ckpt_dir, read_only=True)
         try:
-            params = mngr.restore_subtree(step, key)
-        except KeyError as e:
-            raise WeightsError(f"{e.args[0]}; is it a diffusion train state?") from None
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-            raise WeightsError(f"checkpoint of step {step} in {ckpt_dir!r} cannot be read (corrupt or "
-                               f"truncated?): {type(e).__name__}: {e}") from None
+            for s in candidates:
+                try:
+                    params = mngr.restore_subtree(s, key)
+                except KeyError as e:
+                    raise WeightsError(f"{e.args[0]}; is it a diffusion train state?") from None
+                except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+                    reasons.append(f"step {s}: {describe_error(e)}")
+                    if step is None:
+                        logging.warning("checkpoint of step %d in %s cannot be read (%s): using the one before it",
+                                        s, ckpt_dir, describe_error(e))
+                    continue
+                return jax.tree.map(np.asarray, dict(params)), s
         finally:
             mngr.close()
-    return jax.tree.map(np.asarray, dict(params)), step
+    if step is not None:
+        raise WeightsError(f"checkpoint of step {step} in {ckpt_dir!r} cannot be read (corrupt or truncated?): "
+                           f"{reasons[0].split(': ', 1)[1]}")
+    raise WeightsError(f"checkpoints in {ckpt_dir!r} cannot be read (corrupt or truncated?): " + "; ".join(reasons))
 
 
 def _read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -110,6 +110,7 @@ class MetricsLog:
         self._rate_in_history = rate_in_history
         self._clock = clock
         self._pending: list[tuple[int, Any]] = []
+        self._unflushed = 0  # steps fetched since the last flush
         self._images = 0
         self._start = clock()
         self.history: list[dict] = []
@@ -126,12 +127,20 @@ class MetricsLog:
         self.history.extend(rows)
         return rows
 
+    def fetch(self) -> list[dict]:
+        """Fetch the queued steps into the history now (e.g. to check them before a checkpoint) without
+        ending the logging window; returns their rows."""
+        rows = self._fetch() if self._pending else []
+        self._unflushed += len(rows)
+        return rows
+
     def flush(self) -> dict:
-        """Fetch the queued steps; their last step's metrics with ``step`` and ``images_per_s``
-        (``{}`` when nothing is queued). Starts the next window."""
-        if not self._pending:
+        """Fetch the queued steps; the window's last step's metrics with ``step`` and ``images_per_s``
+        (``{}`` when no step ran since the last flush). Starts the next window."""
+        self.fetch()  # blocks until the queued steps ran: read the clock after it
+        if not self._unflushed:
             return {}
-        self._fetch()  # blocks until the queued steps ran: read the clock after it
+        self._unflushed = 0
         now = self._clock()
         out = dict(self.history[-1])
         out["images_per_s"] = self._images / max(now - self._start, 1e-9)

@@ -86,22 +86,32 @@ def _train_autoencoder(cfg, out_dir, log):
     if os.path.exists(path):
         return _load_params(path), _history(out_dir, "autoencoder")
     model = AutoencoderKL(**dict(cfg.vae))
-    state, history = train_autoencoder(autoencoder_train_config(cfg, out_dir), os.path.join(out_dir, "autoencoder"),
-                                       model, devices=jax.devices()[:1])
+    state, history = _finished(train_autoencoder(autoencoder_train_config(cfg, out_dir),
+                                                 os.path.join(out_dir, "autoencoder"), model, devices=jax.devices()[:1]))
     params = jax.device_get(state.params["ae"])
     history = _history(out_dir, "autoencoder", history)
     if history:
         log("autoencoder", history[-1])
     if int(cfg.autoencoder.decoder_steps):
-        state, dec_history = train_autoencoder(autoencoder_train_config(cfg, out_dir, decoder=True),
-                                               os.path.join(out_dir, "autoencoder_decoder"), model,
-                                               devices=jax.devices()[:1], params=params)
+        state, dec_history = _finished(train_autoencoder(autoencoder_train_config(cfg, out_dir, decoder=True),
+                                                         os.path.join(out_dir, "autoencoder_decoder"), model,
+                                                         devices=jax.devices()[:1], params=params))
         params = jax.device_get(state.params["ae"])
         dec_history = _history(out_dir, "autoencoder_decoder", dec_history)
         if dec_history:
             log("autoencoder decoder fine-tune", dec_history[-1])
     _save_params(path, params)
     return params, history
+
+
+def _finished(result):
+    """A stage's training result; a stage stopped by SIGTERM / Ctrl-C (checkpoint saved) ends the demo
+    with 128 + the signal instead of going on with a half-trained model. Rerunning resumes it."""
+    if result.stopped_by is not None:
+        print(f"[demo] stopped by signal {result.stopped_by} (checkpoint saved); rerun the same command to resume",
+              flush=True)
+        raise SystemExit(128 + int(result.stopped_by))
+    return result
 
 
 def _decay_steps(stage_cfg) -> int:
@@ -239,8 +249,8 @@ def _train_diffusion(cfg, tokenizer, vae_params, text_params, out_dir, log):
     tcfg = diffusion_train_config(cfg, tokenizer, out_dir)
     if cfg.diffusion.cached_latents:
         tcfg.data.cached_latents = _cache_latents(cfg, tokenizer, vae_params, text_params, out_dir)
-    state, history = train(tcfg, os.path.join(out_dir, "diffusion"), frozen={"text": text_params, "vae": vae_params},
-                           devices=jax.devices()[:1])
+    state, history = _finished(train(tcfg, os.path.join(out_dir, "diffusion"),
+                                     frozen={"text": text_params, "vae": vae_params}, devices=jax.devices()[:1]))
     if history:
         log("diffusion", history[-1])
     return jax.device_get(state.ema_params), _history(out_dir, "diffusion", history)
