@@ -95,6 +95,9 @@ def test_inpaint_matches_diffusers(monkeypatch, tmp_path, in_channels):
         ref = inpaint_module.StableDiffusionInpaintPipeline(**build_reference_pipeline("v1", seed=3).components)
     ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
+    if in_channels == 9:  # the random UNet barely reads its mask and masked-image inputs: make it lean on them
+        with torch.no_grad():
+            ref.unet.conv_in.weight[:, 4:] *= 30
     ref.save_pretrained(str(tmp_path / "inpaint"))
     ours = StableDiffusionPipeline.from_pretrained(str(tmp_path / "inpaint"))
     rng = np.random.default_rng(4)
