@@ -29,3 +29,28 @@ def test_save_or_stop_saves_when_due_at_the_end_and_on_preemption(tmp_path, capl
     mngr.close()
     assert meta == {"step": 7}
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+
+
+def test_a_second_ctrl_c_aborts_and_the_signal_is_remembered():
+    import signal
+
+    import pytest
+
+    with ckpt_lib.PreemptionGuard() as guard:
+        assert guard.signum is None and not guard.should_stop()
+        signal.raise_signal(signal.SIGINT)  # first Ctrl-C: save and stop at the end of the step
+        assert guard.should_stop() and guard.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # second: abort now
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_retention_keeps_the_last_k_and_every_nth_only_after_a_newer_save_completed(tmp_path):
+    mngr = ckpt_lib.CheckpointManager(str(tmp_path / "ckpt"), save_every=1, keep_last=2, keep_every=4)
+    state = {"w": jnp.arange(4.0)}
+    for step in range(1, 10):
+        mngr.save(step, state, {"step": step})
+        # an async save in flight never costs an older step: the one before it is still listed
+        assert step - 1 in mngr.all_steps() or step == 1
+    mngr.close()
+    assert mngr.all_steps() == [4, 8, 9]  # ... 8 and 9 are the last two, 4 and 8 every 4th
