@@ -314,3 +314,27 @@ def test_strength_is_honoured_with_a_mask_and_images_are_written_whole(tmp_path,
     got = np.asarray(Image.open(out[0]), np.float32) / 255
     np.testing.assert_allclose(got, half[0], atol=1 / 255 + 1e-6)
     assert sorted(os.listdir(tmp_path / "o")) == ["000_00.png", "grid.png"]  # no temporary files left
+
+
+def test_a_damaged_checkpoint_in_a_bucket_falls_back_and_is_moved_aside(gcs, caplog):
+    """The pod path: the workdir is a bucket (the tests' GCS server); a resumed run steps over a damaged
+    latest checkpoint there as it does on a local disk."""
+    from ldm_jax import storage
+
+    work = f"{gcs}/faults-run"
+    full, _ = _train(4, work)
+
+    def objects(prefix):
+        for name in storage.listdir(prefix):
+            p = f"{prefix}/{name}"
+            yield from objects(p) if storage.isdir(p) else [p]
+
+    for victim in [p for p in objects(f"{work}/checkpoints/4/state") if "/d/" in p]:
+        storage.write_bytes(victim, storage.read_bytes(victim)[:16])
+    with caplog.at_level("WARNING"):
+        state, _ = _train(4, work)  # restores step 2, trains 3 and 4 again
+    assert "does not restore" in caplog.text
+    assert "4.unrestorable-0" in storage.listdir(f"{work}/checkpoints") and checkpoint_steps(work) == [2, 4]
+    a, b = _flat((full.params, full.opt_state)), _flat((state.params, state.opt_state))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
