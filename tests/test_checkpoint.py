@@ -36,13 +36,22 @@ def test_a_second_ctrl_c_aborts_and_the_signal_is_remembered():
 
     import pytest
 
-    with ckpt_lib.PreemptionGuard() as guard:
-        assert guard.signum is None and not guard.should_stop()
-        signal.raise_signal(signal.SIGINT)  # first Ctrl-C: save and stop at the end of the step
-        assert guard.should_stop() and guard.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):  # second: abort now
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+    try:
+        with ckpt_lib.PreemptionGuard() as guard:
+            assert guard.signum is None and not guard.should_stop()
+            signal.raise_signal(signal.SIGINT)  # first Ctrl-C: save and stop at the end of the step
+            assert guard.should_stop() and guard.signum == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):  # second: abort now
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored SIGINT stays ignored
+        with ckpt_lib.PreemptionGuard() as guard:
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+            assert not guard.should_stop()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_retention_keeps_the_last_k_and_every_nth_only_after_a_newer_save_completed(tmp_path):

@@ -183,9 +183,11 @@ def test_sigint_and_sigterm_save_and_exit_with_their_codes(tmp_path):
     procs = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         work = tmp_path / sig.name
+        # SIGINT as in a terminal: a suite run in the background hands its children an ignored SIGINT
         procs[sig] = (work, subprocess.Popen([sys.executable, "-m", "ldm_jax.cli", "train", "--config", str(cfg),
                                               "--workdir", str(work)], env=env, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True))
+                                             stderr=subprocess.PIPE, text=True,
+                                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
     for sig, (work, proc) in procs.items():
         deadline = time.time() + 240
         while not (work.exists() and checkpoint_steps(work)) and time.time() < deadline and proc.poll() is None:

@@ -386,6 +386,8 @@ class PreemptionGuard:
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
+                if signal.getsignal(s) is signal.SIG_IGN:  # e.g. SIGINT of a job started with `&`: stays ignored
+                    continue
                 self._previous[s] = signal.signal(s, self._handler)
         return self
 
