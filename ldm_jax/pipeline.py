@@ -476,7 +476,7 @@ class StableDiffusionPipeline:
         rng_enc, rng_mask, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 4)
         b = shape[0]
         pixels = preprocess_image(image, height, width)
-        image_latents = self._image_latents(image, height, width, b, rng_enc, posterior)
+        image_latents = self._image_latents(None, height, width, b, rng_enc, posterior, pixels=pixels)
         s = self.vae_scale
         latent_mask = jnp.repeat(jnp.asarray(mask[:, ::s, ::s]), b // mask.shape[0], axis=0)  # torch "nearest"
         eps = self._initial_noise(latents, shape, rng_noise)
