@@ -16,6 +16,7 @@ checkpoint that does not restore to the newest one that does, and moves the bad 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from ldm_jax import storage
 from ldm_jax.errors import CheckpointRestoreError, CheckpointSaveError
 
 __all__ = ["CheckpointManager", "CheckpointSaveError", "CheckpointRestoreError", "PreemptionGuard", "abstract_like",
-           "allgather_json", "describe_error"]
+           "allgather_json", "describe_error", "quiet_orbax"]
 
 _TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes <step>.orbax-checkpoint-tmp-* and renames when complete
 _BAD_MARK = ".unrestorable"  # a step that did not restore is renamed <step>.unrestorable-<n> (orbax ignores it)
@@ -50,6 +51,19 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, PermissionError) or "Permission denied" in text:
         return f"permission denied ({text[:200]})"
     return f"{type(e).__name__}: {text[:300]}"
+
+
+@contextlib.contextmanager
+def quiet_orbax(level: int = logging.ERROR):
+    """Orbax (absl) logs below ``level`` dropped: its warnings about read-only managers, or (at
+    ``logging.CRITICAL``) its one line per unreadable array of a damaged step, which the caller reports once."""
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 class _SaveFailures(logging.Handler):
@@ -278,14 +292,9 @@ class CheckpointManager:
         raise CheckpointRestoreError(f"no checkpoint in {self.directory} restores: " + "; ".join(reasons))
 
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
-        absl = logging.getLogger("absl")
-        level = absl.level
-        absl.setLevel(logging.CRITICAL)  # orbax logs each unreadable array of a damaged step; the caller says it once
-        try:
+        with quiet_orbax(logging.CRITICAL):
             out = self._mngr.restore(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        finally:
-            absl.setLevel(level)
         return out.state, _from_json(dict(out.meta or {}))
 
     def _quarantine(self, step: int) -> None:

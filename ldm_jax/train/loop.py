@@ -371,7 +371,6 @@ def _run(task, workdir, t, mesh, stages, total, ts, config) -> TrainResult:
         logging.info("%s: resumed from step %d", task.name, int(state.step))
     step = int(state.step)
     data_states = _data_states(meta)
-    last_saved = ckpt.latest_step()
 
     writer = MetricWriter(workdir_lib.tensorboard_dir(workdir) if t.tensorboard else None)
     bar = tqdm(total=total, initial=step, desc=task.name, dynamic_ncols=True,
@@ -406,7 +405,7 @@ def _run(task, workdir, t, mesh, stages, total, ts, config) -> TrainResult:
                 bar.update(1)
                 if step % log_every == 0 or step == total:
                     m = metrics_log.flush()
-                    divergence.check(metrics_log.history, last_saved)
+                    divergence.check(metrics_log.history, ckpt.latest_step())
                     m["stage"] = idx
                     writer.scalars(step, {k: v for k, v in m.items() if k != "step"})
                     writer.flush()
@@ -417,10 +416,8 @@ def _run(task, workdir, t, mesh, stages, total, ts, config) -> TrainResult:
                         writer.image(step, tag, grid)
 
                 def checkpoint_meta():  # gathers every process's data position: a collective
-                    nonlocal last_saved
                     metrics_log.fetch()  # a diverged state is never saved
-                    divergence.check(metrics_log.history, last_saved, saving=True)
-                    last_saved = step
+                    divergence.check(metrics_log.history, ckpt.latest_step(), saving=True)
                     data_states[str(idx)] = ckpt_lib.allgather_json(source.get_state())
                     return {"stage": idx, "step": step, "data": data_states}
 

@@ -34,7 +34,7 @@ from ldm_jax.convert.checkpoint_io import load_state_dict, save_state_dict
 from ldm_jax.convert.diffusers_folder import LoadedModel, _make_config, build_configs_and_shapes
 from ldm_jax.convert.torch_flax import WeightsError
 from ldm_jax.errors import WorkdirLocked
-from ldm_jax.train.checkpoint import CheckpointManager
+from ldm_jax.train.checkpoint import CheckpointManager, describe_error, quiet_orbax
 
 __all__ = ["CONFIG_FILE", "FROZEN_DIR", "LOCK_FILE", "WorkdirLocked", "WorkdirLock", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "TENSORBOARD_DIR", "is_training_workdir",
            "write_config", "write_frozen", "tensorboard_dir", "open_checkpoints", "checkpoint_steps", "restore_unet_params",
@@ -236,18 +236,6 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     return sorted(steps)
 
 
-class _QuietAbsl:
-    """Orbax logs warnings about read-only managers; sampling needs none of them."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger("absl")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
-
-
 def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, ema: bool = True
                         ) -> tuple[dict, int]:
     """``(UNet params as numpy arrays, step)`` from checkpoint ``step`` (default: the newest complete
@@ -261,8 +249,6 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
       WeightsError: the checkpoint (``step``, or every one) cannot be read (corrupt, truncated, not a
         diffusion train state).
     """
-    from ldm_jax.train.checkpoint import describe_error
-
     workdir = os.fspath(workdir)
     steps = checkpoint_steps(workdir)
     ckpt_dir = storage.join(workdir, CHECKPOINTS_DIR)
@@ -275,7 +261,7 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
     candidates = [int(step)] if step is not None else steps[::-1]
     key = "ema_params" if ema else "params"
     reasons = []
-    with _QuietAbsl():
+    with quiet_orbax():  # its warnings about read-only managers
         mngr = CheckpointManager(ckpt_dir, read_only=True)
         try:
             for s in candidates:
@@ -284,7 +270,7 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
                 except KeyError as e:
                     raise WeightsError(f"{e.args[0]}; is it a diffusion train state?") from None
                 except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-                    reasons.append(f"step {s}: {describe_error(e)}")
+                    reasons.append((s, describe_error(e)))
                     if step is None:
                         logging.warning("checkpoint of step %d in %s cannot be read (%s): using the one before it",
                                         s, ckpt_dir, describe_error(e))
@@ -294,8 +280,9 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
             mngr.close()
     if step is not None:
         raise WeightsError(f"checkpoint of step {step} in {ckpt_dir!r} cannot be read (corrupt or truncated?): "
-                           f"{reasons[0].split(': ', 1)[1]}")
-    raise WeightsError(f"checkpoints in {ckpt_dir!r} cannot be read (corrupt or truncated?): " + "; ".join(reasons))
+                           f"{reasons[0][1]}")
+    raise WeightsError(f"checkpoints in {ckpt_dir!r} cannot be read (corrupt or truncated?): "
+                       + "; ".join(f"step {s}: {why}" for s, why in reasons))
 
 
 def _read_config(workdir: str) -> ml_collections.ConfigDict:
