@@ -4,7 +4,7 @@
 #   launch/local.sh --nproc 2 --config tiny_train --workdir runs/local [--config.x=y ...]
 #
 # Process i runs
-#   python -m ldm_jax.train.distributed --coordinator 127.0.0.1:PORT --num-processes N --process-id i \
+#   python -m ldm_jax.launch --coordinator 127.0.0.1:PORT --num-processes N --process-id i \
 #       train --config ... --workdir ... [--config.x=y ...]
 # Process 0 prints to this terminal; process i > 0 logs to LOG_DIR/process_i.log. If one process
 # fails the others are stopped and the exit status is the failed one's. SIGTERM or Ctrl-C reaches
@@ -46,7 +46,7 @@ process_command() {  # $1: process id
   if ((GPUS_PER_PROCESS > 0)); then
     env=(env "CUDA_VISIBLE_DEVICES=$(seq -s, $(($1 * GPUS_PER_PROCESS)) $((($1 + 1) * GPUS_PER_PROCESS - 1)))")
   fi
-  CMD=("${env[@]}" "$PYTHON" -m ldm_jax.train.distributed --coordinator "127.0.0.1:$PORT"
+  CMD=("${env[@]}" "$PYTHON" -m ldm_jax.launch --coordinator "127.0.0.1:$PORT"
        --num-processes "$NPROC" --process-id "$1" train --config "$CONFIG" --workdir "$WORKDIR" "${OVERRIDES[@]}")
 }
 

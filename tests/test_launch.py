@@ -214,7 +214,7 @@ def test_local_dry_run_prints_one_command_per_process():
         if i:
             assert cmd[-3:] == [">", f"runs/a b/logs/process_{i}.log", "2>&1"]
             cmd = cmd[:-3]
-        assert cmd == ["/venv/bin/python", "-m", "ldm_jax.train.distributed", "--coordinator", "127.0.0.1:23456",
+        assert cmd == ["/venv/bin/python", "-m", "ldm_jax.launch", "--coordinator", "127.0.0.1:23456",
                        "--num-processes", "3", "--process-id", str(i), "train", "--config", "tiny_train",
                        "--workdir", "runs/a b"] + OVERRIDES
 
@@ -288,7 +288,7 @@ def test_option_equals_value_gives_the_same_command(script, args):
         assert sh(script, "--dry-run", *equals, *OVERRIDES).stdout == two_words
 
 
-# ---------------------------------------------------------------------------------------------- ldm_jax.train.distributed
+# ---------------------------------------------------------------------------------------------- ldm_jax.launch, ldm_jax.train.distributed
 
 def test_distributed_params_resolution():
     from ldm_jax.train.distributed import distributed_params
@@ -327,10 +327,10 @@ def test_distributed_module_initialises_two_local_processes():
 
 
 def test_distributed_module_cli_errors():
-    out = subprocess.run([sys.executable, "-m", "ldm_jax.train.distributed", "--coordinator", "h:1", "train"],
+    out = subprocess.run([sys.executable, "-m", "ldm_jax.launch", "--coordinator", "h:1", "train"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "missing: num_processes, process_id" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "ldm_jax.train.distributed"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "ldm_jax.launch"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "no ldm-jax command" in out.stderr
 

@@ -2,12 +2,9 @@
 
 The training loop calls :func:`initialize_from_config` with ``config.distributed``: ``enabled=True``
 lets JAX detect the cluster (TPU pods, SLURM); a coordinator address, process count and process id
-set it up explicitly (local tests). The module's command covers what a config file cannot know: a
-coordinator chosen by the launcher (``launch/local.sh``), given as flags or as
-``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``::
-
-    python -m ldm_jax.train.distributed --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 0 \\
-        train --config configs/tiny_train.py --workdir runs/tiny
+set it up explicitly (local tests). ``python -m ldm_jax.launch`` covers what a config file cannot know:
+a coordinator chosen by the launcher (``launch/local.sh``), given as flags or as
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``.
 
 Under ``srun`` with more than one task it initialises from SLURM's variables (JAX's detection).
 ``launch/slurm_gpu.sbatch`` and ``launch/tpu_pod.sh`` run plain ``ldm-jax train`` with
@@ -16,13 +13,11 @@ Once initialised, the trainers' own call is a no-op.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
-from typing import Mapping, Sequence
+from typing import Mapping
 
-__all__ = ["distributed_params", "maybe_initialize_distributed", "initialize_from_config", "main"]
+__all__ = ["distributed_params", "maybe_initialize_distributed", "initialize_from_config"]
 
 
 def distributed_params(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -88,28 +83,3 @@ def initialize_from_config(distributed: Mapping) -> bool:
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
         return True
     return False
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m ldm_jax.train.distributed",
-        description="Initialise jax.distributed, then run an ldm-jax command (everything after the flags).")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, default=None, help="default $JAX_NUM_PROCESSES")
-    p.add_argument("--process-id", type=int, default=None, help="default $JAX_PROCESS_ID")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="ldm-jax arguments, e.g. train --config ... --workdir ...")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        p.error("no ldm-jax command given (e.g. train --config configs/tiny_train.py --workdir runs/x)")
-    try:
-        maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as err:
-        p.error(str(err))
-    from ldm_jax.cli import cli as run_cli
-
-    return run_cli(command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
