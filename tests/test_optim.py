@@ -96,3 +96,13 @@ def test_demo_stage_decay_option():
         _decay_steps(ConfigDict(dict(steps=300, warmup_steps=0, lr_decay="linear")))
     with pytest.raises(ValueError, match="warmup_steps"):
         _decay_steps(ConfigDict(dict(steps=30, warmup_steps=100, lr_decay="cosine")))
+
+
+def test_first_moment_in_bfloat16():
+    """``mu_dtype``: AdamW's first moment in bf16, the second in the parameters' float32."""
+    params = {"w": jnp.ones((4, 3), jnp.float32)}
+    state = optim.make_optimizer(1e-3, mu_dtype="bfloat16").init(params)
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) == 2}
+    assert dtypes == {"bfloat16", "float32"}
+    default = optim.make_optimizer(1e-3).init(params)
+    assert {str(x.dtype) for x in jax.tree.leaves(default) if getattr(x, "ndim", 0) == 2} == {"float32"}

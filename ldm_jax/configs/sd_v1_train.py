@@ -25,6 +25,7 @@ def get_config():
         b1=0.9,
         b2=0.999,
         adam_eps=1e-8,
+        mu_dtype="",  # "bfloat16": AdamW's first moment in bf16 (memory); "": the params' float32
         weight_decay=1e-2,
         grad_clip_norm=1.0,
         ema_decay=0.9999,
@@ -33,7 +34,7 @@ def get_config():
         prediction_type="",  # "": the scheduler's; "epsilon" or "v_prediction" to override it
         min_snr_gamma=0.0,  # 0: off; 5.0 is the min-SNR paper's choice
         compute_dtype="bfloat16",  # fp32 master weights, bf16 compute
-        remat=True,
+        remat="full",  # activation memory: none | full | dots | offload (ldm_jax.models.remat)
         grad_accum_steps=1,
         checkpoint_every=2_000,
         keep_every=50_000,

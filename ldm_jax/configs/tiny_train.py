@@ -11,7 +11,7 @@ def get_config():
     c.name = "tiny_train"
     # 16 px images -> 8x8 latents (the tiny VAE downsamples by 2).
     c.stages = [dict(resolution=16, steps=200, batch_size=16)]
-    c.train.update(dict(lr=1e-3, warmup_steps=10, ema_decay=0.999, compute_dtype="float32", remat=False,
+    c.train.update(dict(lr=1e-3, warmup_steps=10, ema_decay=0.999, compute_dtype="float32", remat="none",
                         log_every=10, checkpoint_every=100, keep_every=0, preview_every=100, preview_count=4,
                         preview_steps=10))
     c.sharding.min_size = 0  # shard every divisible param, so tiny models exercise FSDP

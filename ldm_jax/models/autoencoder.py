@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.attention import dot_product_attention
 from ldm_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from ldm_jax.models.remat import remat
 
 __all__ = [
     "LAST_LAYER",
@@ -134,11 +135,11 @@ class _LayerSpec:
     dtype: Any
     param_dtype: Any
     attention_impl: str
-    remat: bool
+    remat: str | bool
 
     def resnet(self, out_channels: int, name: str) -> nn.Module:
         """A resnet without time embedding, PyTorch kernel init, GroupNorm in ``dtype``."""
-        cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        cls = remat(ResnetBlock2D, self.remat)
         return cls(out_channels, self.groups, _NORM_EPS, kernel_init=_TORCH_KERNEL_INIT, dtype=self.dtype,
                    param_dtype=self.param_dtype, name=name)
 
@@ -235,7 +236,7 @@ class _Arch(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str | bool = False  # a policy of ldm_jax.models.remat
 
 
 class _Coder(_Arch):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.attention import dot_product_attention
 from ldm_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, widen_rows
+from ldm_jax.models.remat import remat
 
 Dtype = Any
 
@@ -202,7 +203,7 @@ class _LevelSpec:
     eps: float
     attention_impl: str
     attention_chunk_size: int | None
-    remat: bool
+    remat: str | bool
 
     def attention(self) -> AttentionSpec:
         """The attention settings of the level's transformers (``heads`` heads over ``channels``)."""
@@ -223,7 +224,7 @@ class _Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _remat(self, cls: type[nn.Module]) -> type[nn.Module]:
-        return nn.remat(cls) if self.spec.remat else cls
+        return remat(cls, self.spec.remat)
 
     def _resnet(self, name: str) -> nn.Module:
         return self._remat(ResnetBlock2D)(self.spec.channels, self.spec.groups, self.spec.eps, norm_dtype=jnp.float32,
@@ -304,7 +305,8 @@ class UNet2DConditionModel(nn.Module):
 
     Attributes use diffusers' ``config.json`` names. ``attention_head_dim`` is, as in diffusers for
     SD, the NUMBER of heads per level (int or per-level tuple); ``num_attention_heads`` overrides it
-    when given. ``remat`` rematerialises each resnet and transformer (training memory).
+    when given. ``remat`` rematerialises each resnet and transformer (training memory): a policy of
+    :mod:`ldm_jax.models.remat` (``"none"``, ``"full"``, ``"dots"``, ``"offload"``) or a bool.
 
     Call: ``sample`` [B, H, W, in_channels] (NHWC), ``timesteps`` [B] or scalar (int or float),
     ``encoder_hidden_states`` [B, S, cross_attention_dim] -> [B, H, W, out_channels].
@@ -338,7 +340,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     attention_chunk_size: int | None = None
-    remat: bool = False
+    remat: str | bool = False
 
     def _check(self) -> None:
         n = len(self.block_out_channels)

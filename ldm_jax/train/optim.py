@@ -35,15 +35,19 @@ def learning_rate_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 
 
 def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, weight_decay: float = 1e-2, grad_clip_norm: float | None = 1.0,
-                   decay_steps: int = 0) -> optax.GradientTransformation:
+                   decay_steps: int = 0, mu_dtype: str | None = None) -> optax.GradientTransformation:
     """``clip_by_global_norm(grad_clip_norm)`` then AdamW with :func:`learning_rate_schedule`.
+
+    ``mu_dtype`` (e.g. ``"bfloat16"``): the first moment's dtype (optax's ``mu_dtype``; None or "": the
+    parameters'); it halves that quarter of the training state. The second moment stays in the
+    parameters' dtype: its squares need the range.
 
     The schedule follows the optimizer's own update count, so skipped (non-finite) steps do not
     advance the warm-up.
     """
     chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     chain.append(optax.adamw(learning_rate_schedule(lr, warmup_steps, decay_steps), b1=b1, b2=b2, eps=eps,
-                             weight_decay=weight_decay))
+                             weight_decay=weight_decay, mu_dtype=mu_dtype or None))
     return optax.chain(*chain)
 
 
