@@ -4,24 +4,43 @@ All implementations take and return ``[batch, length, heads, head_dim]`` arrays 
 float rounding:
 
 - ``"xla"``: einsum + softmax, the plain reference.
-- ``"dot_product"``: ``jax.nn.dot_product_attention`` (XLA on CPU/TPU; cuDNN flash attention on
-  GPU when dtypes/shapes allow).
+- ``"dot_product"``: ``jax.nn.dot_product_attention``. On a CUDA GPU it asks for cuDNN's fused
+  (flash) attention whenever cuDNN takes the call (:func:`cudnn_unsupported_reason`: fp16/bf16
+  without ``upcast``, a head dim that is a multiple of 8 up to 128, or 256 from Hopper on, even
+  lengths with a non-causal mask), and for XLA otherwise; on CPU and TPU it is XLA. (Left to
+  itself, ``jax.nn.dot_product_attention`` picks XLA everywhere.)
 - ``"chunked"``: blocks of queries (and, without a mask, of heads) under ``lax.scan``, so memory
   grows with the block instead of ``q_len * kv_len`` (long sequences, large images), with a
   blocked custom backward when there is no mask. Every block holds the whole batch, so a batch
   sharded over a mesh stays on its devices (:func:`block_plan`).
-- ``"auto"``: ``dot_product`` on GPU; ``chunked`` for sequences longer than ``chunk_size`` (64), and on
-  CPU for any unmasked one (its custom backward is the faster one there at every length);
-  ``xla`` otherwise.
+- ``"pallas"``: the Pallas TPU flash attention kernel (:mod:`ldm_jax.models.pallas_attention`),
+  forward and backward: the ``[Lq, Lk]`` logits live in VMEM one block at a time and never reach
+  HBM. TPU only (Mosaic); elsewhere it runs under :func:`pallas_interpret` (tests). In a program
+  partitioned over several devices it needs the mesh in scope (``jax.set_mesh``) to run per device.
+- ``"auto"``: ``dot_product`` on GPU (so cuDNN where it applies); on TPU ``pallas`` where
+  :func:`tpu_uses_pallas` says it pays (self-attention over at least :data:`PALLAS_MIN_KV_LEN`
+  keys: SD's 64x64 and 32x32 latents, whose logits dominate memory and HBM traffic) and the kernel
+  can be placed (:func:`pallas_placeable`); otherwise ``chunked`` for sequences longer than
+  ``chunk_size`` (64), and on CPU for any unmasked one (its custom backward is the faster one
+  there at every length); ``xla`` otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "dot_product", "chunked")
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "chunked", "pallas")
+
+# "auto" on TPU: the Pallas flash kernel for self-attention over at least this many keys. From 32x32
+# latents (1024 tokens) up, SD's [B, H, L, L] logits are the largest activations of the UNet
+# (4096 tokens: 64 MiB per image and head in float32) and plain attention is bound by moving them
+# through HBM; below, they are small and the kernel's padding to 128-token blocks (77 text tokens,
+# 8x8 = 64 latents) and per-block overhead buy little. Not yet timed on a TPU: tune here.
+PALLAS_MIN_KV_LEN = 1024
 
 
 def _xla(q, k, v, mask, scale, upcast):
@@ -35,12 +54,134 @@ def _xla(q, k, v, mask, scale, upcast):
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).astype(dtype)
 
 
+def cudnn_unsupported_reason(q, k, v, mask=None, upcast: bool = False, *,
+                             compute_capability: tuple[int, int] | None = None,
+                             cudnn_version: int | None = None) -> str | None:
+    """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` would reject this call of
+    :func:`dot_product_attention` (forward or backward), or None when cuDNN takes it.
+
+    Pure: looks at shapes and dtypes only (arrays or ``jax.ShapeDtypeStruct``). Mirrors jax 0.10's
+    ``check_layout`` and ``check_is_flash_attention`` (``jax/_src/cudnn/fused_attention_stablehlo.py``)
+    for the calls made here (``[B, L, H, D]``, one head count, a boolean mask as cuDNN's bias):
+
+    - ``upcast``: asks for float32 logits and softmax from float32 inputs, which cuDNN does not take;
+    - q, k, v float16 or bfloat16, all three the same;
+    - head dim a multiple of 8 and at most 128, or 256 on compute capability >= 9.0 (Hopper);
+      ``compute_capability`` None (unknown): the pre-Hopper limit;
+    - compute capability 10.3 needs cuDNN >= 9.11 (``cudnn_version`` as cuDNN reports it: 91100);
+    - a mask other than the concrete causal one of :func:`causal_mask` (which becomes cuDNN's
+      causal mask type instead of a bias): even query and key lengths, which cuDNN's bias
+      gradient needs.
+    """
+    if upcast:
+        return "upcast=True: float32 logits and softmax from float32 inputs; cuDNN takes fp16/bf16"
+    dtypes = {jnp.dtype(t.dtype) for t in (q, k, v)}
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: cuDNN takes float16 or bfloat16, all three the same"
+    if len(q.shape) != 4 or len(k.shape) != 4 or k.shape != v.shape:
+        return f"shapes {q.shape}, {k.shape}, {v.shape}: [B, L, H, D] with k and v alike"
+    head_dim = q.shape[-1]
+    hopper = compute_capability is not None and tuple(compute_capability) >= (9, 0)
+    limit = 256 if hopper else 128
+    if head_dim % 8 or head_dim > limit:
+        return (f"head dim {head_dim}: cuDNN takes multiples of 8 up to {limit} on compute capability "
+                f"{compute_capability}")
+    if (compute_capability is not None and tuple(compute_capability) == (10, 3) and cudnn_version is not None
+            and cudnn_version < 91100):
+        return f"compute capability 10.3 needs cuDNN >= 9.11, have {cudnn_version}"
+    if mask is not None and not _is_causal(mask, q.shape[1], k.shape[1]) and (q.shape[1] % 2 or k.shape[1] % 2):
+        return f"lengths {q.shape[1]}, {k.shape[1]} with a mask: cuDNN's bias gradient needs even lengths"
+    return None
+
+
+def _is_causal(mask, q_len: int, kv_len: int) -> bool:
+    """``mask`` is the concrete lower-triangular mask of :func:`causal_mask` (shared by batch and heads)."""
+    shape = (1,) * (4 - np.ndim(mask)) + tuple(np.shape(mask))
+    if q_len != kv_len or shape != (1, 1, q_len, kv_len) or isinstance(mask, jax.core.Tracer):
+        return False
+    return bool(np.array_equal(np.asarray(mask).reshape(q_len, kv_len), np.tri(q_len, dtype=bool)))
+
+
+def _cuda_gpu() -> tuple[tuple[int, int], int] | None:
+    """(compute capability, cuDNN version) when tracing for a CUDA GPU with cuDNN, else None."""
+    if current_platform() != "gpu" or jax.default_backend() != "gpu":
+        return None  # CPU/TPU, or an ahead-of-time trace for a GPU this process cannot query
+    device = jax.devices()[0]
+    if "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
+        return None  # ROCm: no cuDNN
+    try:
+        from jax._src.lib import cuda_versions
+        version = cuda_versions.cudnn_get_version() if cuda_versions is not None else None
+    except (ImportError, AttributeError):
+        version = None
+    if version is None:
+        return None
+    major, minor = (int(x) for x in str(device.compute_capability).split(".")[:2])
+    return (major, minor), int(version)
+
+
 def _dot_product(q, k, v, mask, scale, upcast):
     dtype = q.dtype
+    gpu = _cuda_gpu()
+    if gpu is not None and cudnn_unsupported_reason(q, k, v, mask, upcast, compute_capability=gpu[0],
+                                                    cudnn_version=gpu[1]) is None:
+        causal = mask is not None and _is_causal(mask, q.shape[1], k.shape[1])
+        if mask is not None and not causal:  # cuDNN's bias takes [B or 1, H or 1, Lq, Lk]
+            mask = jnp.asarray(mask, bool)
+            mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+            mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=None if causal else mask, scale=scale,
+                                            is_causal=causal, implementation="cudnn")
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     return out.astype(dtype)
+
+
+def _pallas(q, k, v, mask, scale, upcast):
+    from ldm_jax.models import pallas_attention
+
+    del upcast  # the kernel takes logits and softmax in float32 anyway
+    return pallas_attention.flash_attention(q, k, v, mask, scale)
+
+
+def pallas_interpret():
+    """Context manager: ``impl="pallas"`` runs the Pallas kernels in interpret mode (plain XLA ops
+    per grid step, any backend), for tests on CPU; without it they compile for TPU with Mosaic.
+    See :func:`ldm_jax.models.pallas_attention.pallas_interpret`."""
+    from ldm_jax.models import pallas_attention
+
+    return pallas_attention.pallas_interpret()
+
+
+def tpu_uses_pallas(q_len: int, kv_len: int, head_dim: int, mask=None) -> bool:
+    """Whether ``impl="auto"`` on TPU takes the Pallas flash kernel: self-attention (``q_len ==
+    kv_len``) over at least :data:`PALLAS_MIN_KV_LEN` keys, with no mask or one the kernel applies
+    without an ``[Lq, Lk]`` bias (per-key, or the concrete causal mask; see
+    :func:`ldm_jax.models.pallas_attention.mask_kind`). SD's 77-token cross-attention and its
+    short self-attention stay on the XLA paths. ``head_dim`` does not count yet: every SD head
+    dim (40, 64, 80, and 160 padded to 256) should gain at these lengths.
+    """
+    del head_dim
+    if q_len != kv_len or kv_len < PALLAS_MIN_KV_LEN:
+        return False
+    if mask is None:
+        return True
+    from ldm_jax.models.pallas_attention import mask_kind
+
+    return mask_kind(mask, q_len, kv_len) != "bias"
+
+
+def pallas_placeable(*arrays) -> bool:
+    """Whether the Pallas kernel can run in the program being traced: XLA cannot partition a Mosaic
+    kernel by itself, so either the mesh is known (``jax.set_mesh``, or ``arrays`` are ``jax.jit``
+    arguments with a ``NamedSharding``: the kernel then runs under ``shard_map``) or the trace is
+    for this process's backend and it has one device."""
+    from ldm_jax.models.pallas_attention import _context_mesh
+
+    if _context_mesh(*arrays) is not None:
+        return True
+    return current_platform() == jax.default_backend() and jax.device_count() == 1
 
 
 # Logits per block of the unmasked blocked attention when no chunk size is given: ~6 MiB of float32,
@@ -294,8 +435,9 @@ def dot_product_attention(
     Args:
       q: ``[B, Lq, H, D]`` queries; k, v: ``[B, Lk, H, D]``.
       mask: optional boolean, broadcastable to ``[B, H, Lq, Lk]``; True = attend.
-      impl: one of :data:`IMPLEMENTATIONS`.
-      upcast: compute logits and softmax in float32 (SD v2 does this for fp16 stability).
+      impl: one of :data:`IMPLEMENTATIONS` (see the module docstring).
+      upcast: compute logits and softmax in float32 (SD v2 does this for fp16 stability); the
+        ``"pallas"`` kernel always does.
       chunk_size: queries per block for ``impl="chunked"`` (over all heads); default: without a
         mask, blocks of heads x queries of about ``block_elements`` logits (:func:`block_plan`),
         with one 64 queries.
@@ -305,19 +447,63 @@ def dot_product_attention(
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
-    if impl == "auto":  # GPU: fused kernels; CPU: query blocks once the logits outgrow the cache
-        backend = jax.default_backend()
+    if impl == "auto":  # GPU: fused kernels; TPU: flash kernel for long self-attention; CPU: query blocks
+        backend = current_platform()
         long = q.shape[1] > (64 if chunk_size is None else chunk_size)
-        impl = ("dot_product" if backend == "gpu" else "chunked" if long or (backend == "cpu" and mask is None)
-                else "xla")
+        if backend == "gpu":
+            impl = "dot_product"
+        elif (backend == "tpu" and tpu_uses_pallas(q.shape[1], k.shape[1], q.shape[-1], mask)
+              and pallas_placeable(q, k, v)):
+            impl = "pallas"
+        else:
+            impl = "chunked" if long or (backend == "cpu" and mask is None) else "xla"
     scale = q.shape[-1] ** -0.5
     if impl == "xla":
         return _xla(q, k, v, mask, scale, upcast)
     if impl == "dot_product":
         return _dot_product(q, k, v, mask, scale, upcast)
+    if impl == "pallas":
+        return _pallas(q, k, v, mask, scale, upcast)
     return _chunked(q, k, v, mask, scale, upcast, chunk_size, block_elements)
 
 
-def causal_mask(length: int) -> jax.Array:
-    """``[1, 1, L, L]`` boolean lower-triangular mask (True = attend), for the CLIP text encoder."""
-    return jnp.tril(jnp.ones((length, length), bool))[None, None]
+_TARGET: list[str] = []  # the platform a trace is for, when not the default backend's (target_platform)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace for ``platform`` (``"tpu"``, ``"gpu"``, ``"cpu"``): ``impl="auto"`` picks that platform's
+    implementation. For ahead-of-time compiles on other devices than the default backend's (a TPU
+    topology planned on a CPU machine, :mod:`ldm_jax.plan`)."""
+    _TARGET.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def on_mesh(fn, mesh):
+    """``fn`` traced with ``mesh`` as the abstract mesh in scope, for ``jax.jit``: the Pallas kernel,
+    which XLA cannot partition, then finds the mesh and runs per device under ``shard_map`` (what
+    ``"auto"`` needs to pick it on a multi-chip TPU). Nothing else in the trace changes."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def current_platform() -> str:
+    """The platform ``impl="auto"`` chooses for: the innermost :func:`target_platform`, else JAX's default backend."""
+    return _TARGET[-1] if _TARGET else jax.default_backend()
+
+
+def causal_mask(length: int) -> np.ndarray:
+    """``[1, 1, L, L]`` boolean lower-triangular mask (True = attend), for the CLIP text encoder.
+
+    A numpy array, so it stays concrete inside ``jax.jit``: ``impl="pallas"`` and cuDNN recognise
+    it and use their built-in causal masking (which skips the blocks above the diagonal) instead of
+    an ``[L, L]`` bias.
+    """
+    return np.tri(length, dtype=bool)[None, None]
