@@ -38,6 +38,9 @@ setup(
             "ipykernel",
             "nbformat",
             "gcp-storage-emulator==2026.7.19",  # a GCS API server on loopback; tests/gcs_emulator.py patches it
+            # libtpu, the TPU compiler, for ahead-of-time compiles without a TPU (ldm_jax.plan,
+            # tests/test_plan.py): the build that matches the jax the tests run
+            "jax[tpu]==0.10.2",
         ],
     },
     entry_points={"console_scripts": ["ldm-jax=ldm_jax.cli:run"]},

@@ -1,6 +1,6 @@
 """``ldm-jax`` command line: a thin layer over the Python API.
 
-Commands: sample, train, convert, encode-dataset, eval, bench {sample,train,data}, demo.
+Commands: sample, train, plan, convert, encode-dataset, eval, bench {sample,train,data}, demo.
 Config overrides follow big_vision: ``ldm-jax train --config tiny_train --workdir w --config.train.lr=1e-4``
 (a packaged recipe by name, or a config file by path).
 
@@ -94,6 +94,25 @@ def cmd_bench(args, overrides) -> None:
                    peer=not args.no_peer))
 
 
+def cmd_plan(args, overrides) -> None:
+    from ldm_jax import plan
+    from ldm_jax.config_utils import load_config
+
+    config = load_config(args.config, overrides)
+    if args.search:
+        _print_json(plan.search(config, args.topology, finalists=args.finalists, inputs=args.inputs,
+                                stage=-1 if args.stage is None else args.stage, global_batch=args.global_batch))
+    elif args.what == "sample":
+        _print_json(plan.plan_sample(config, args.topology, batch=args.batch, height=args.height, width=args.width,
+                                     steps=args.steps, sampler=args.sampler, guidance=not args.no_guidance,
+                                     dtype=args.dtype, attention_impl=args.attention))
+    else:
+        for report in plan.plan_train(config, args.topology, inputs=args.inputs, global_batch=args.global_batch,
+                                      attention_impl=None if args.attention == "auto" else args.attention,
+                                      stages=None if args.stage is None else [args.stage]):
+            _print_json(report)
+
+
 def cmd_demo(args, overrides) -> None:
     from ldm_jax.examples.shapes_demo import run_demo
 
@@ -177,6 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--no-peer", action="store_true", help="skip the PyTorch/diffusers peer")
 
+    n = sub.add_parser("plan", help="compile the training step (or sampling loop) for a TPU topology without a TPU; "
+                       "memory, cost and images/s per chip as JSON")
+    n.add_argument("--config", required=True, help="a packaged recipe (sd_v1_train, sd_v2_train, ...) or a config file")
+    n.add_argument("--topology", required=True, help="GENERATION:AxB[xC], e.g. v5e:2x2, v5p:2x2x2, v4:8x8x8")
+    n.add_argument("--what", choices=["train", "sample"], default="train")
+    n.add_argument("--inputs", choices=["images", "cached", "latents"], default=None,
+                   help="train: the batch's form (default: what config.data gives)")
+    n.add_argument("--stage", type=int, default=None, help="train: compile only this stage (default: every stage; "
+                   "--search: the last)")
+    n.add_argument("--global-batch", type=int, default=None, help="train: every stage's global batch (default: the config's)")
+    n.add_argument("--search", action="store_true", help="train: rank mesh splits, remat policies and micro-batches")
+    n.add_argument("--finalists", type=int, default=2, help="--search: candidates compiled in full")
+    n.add_argument("--batch", type=int, default=1, help="sample: images per call")
+    n.add_argument("--height", type=int, default=None)
+    n.add_argument("--width", type=int, default=None)
+    n.add_argument("--steps", type=int, default=50, help="sample: denoising steps")
+    n.add_argument("--sampler", default="ddim")
+    n.add_argument("--no-guidance", action="store_true", help="sample: without classifier-free guidance")
+    n.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="sample: compute dtype")
+    n.add_argument("--attention", default="auto", help="the UNet's attention implementation (auto, pallas, xla, ...)")
+
     d = sub.add_parser("demo", help="end to end: data, autoencoder, diffusion, samples, evaluation, report")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--config", default=None)
@@ -234,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in rest if a != "--debug"]  # accepted anywhere on the line (see cli)
     parser = build_parser()
     args = parser.parse_args(rest)  # bad arguments: argparse's one-line usage error, exit 2
-    if overrides and args.command not in ("train", "bench", "demo"):
+    if overrides and args.command not in ("train", "bench", "demo", "plan"):
         parser.error(f"--config.* overrides are not accepted by `{args.command}`")
     handlers = {
         "sample": lambda: cmd_sample(args),
@@ -242,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert": lambda: cmd_convert(args),
         "bench": lambda: cmd_bench(args, overrides),
         "demo": lambda: cmd_demo(args, overrides),
+        "plan": lambda: cmd_plan(args, overrides),
         "eval": lambda: cmd_eval(args),
         "encode-dataset": lambda: cmd_encode_dataset(args),
     }

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ldm_jax.convert.loading import load_model
 from ldm_jax.diffusion.samplers import Sampler, get_sampler_from_config, sampler_class
 from ldm_jax.diffusion.sampling import denoise, guided
+from ldm_jax.models.attention import on_mesh
 from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
 from ldm_jax.models.clip_text import clip_text_from_config
 from ldm_jax.models.tokenizer import PromptTokenizer
@@ -158,6 +159,30 @@ class DenoiseInputs:
     cond: dict
 
 
+def denoise_loop(unet, spec: LoopSpec) -> Callable:
+    """The pipeline's denoising loop for ``spec``, to jit: ``run(unet_params, sampler, x, context,
+    guidance_scale, guidance_rescale, rng, start, cond) -> latents`` (see :class:`DenoiseInputs`)."""
+
+    def run(unet_params, sampler: Sampler, x, context, guidance_scale, guidance_rescale, rng, start, cond):
+        def apply(x_in, t_b):
+            if spec.mode == "inpaint_unet":
+                x_in = jnp.concatenate([x_in, cond["mask"], cond["masked_latents"]], axis=-1)
+            return unet.apply({"params": unet_params}, x_in.astype(unet.dtype), t_b, context).astype(jnp.float32)
+
+        model_fn = guided(apply, guidance_scale, guidance_rescale) if spec.cfg else \
+            lambda x_in, t: apply(x_in, jnp.broadcast_to(t, (x_in.shape[0],)))
+
+        def blend(i, x):  # keep the known region on the noise level of the next step (exact at the end)
+            nxt = jnp.minimum(i + 1, sampler.num_steps - 1)
+            known = jnp.where(i + 1 < sampler.num_steps,
+                              sampler.add_noise(cond["image_latents"], cond["noise"], nxt), cond["image_latents"])
+            return (1 - cond["latent_mask"]) * known + cond["latent_mask"] * x
+
+        return denoise(sampler, model_fn, x, rng, start, blend if spec.mode == "inpaint_blend" else None)
+
+    return run
+
+
 class StableDiffusionPipeline:
     """Text-to-image / img2img / inpainting with a UNet, a KL autoencoder and a CLIP text encoder.
 
@@ -245,30 +270,11 @@ class StableDiffusionPipeline:
 
     def _loop(self, spec: LoopSpec) -> Callable:
         if spec not in self._loops:
-            self._loops[spec] = jax.jit(self._make_loop(spec), compiler_options=self.compiler_options)
+            self._loops[spec] = jax.jit(on_mesh(self._make_loop(spec), self.mesh), compiler_options=self.compiler_options)
         return self._loops[spec]
 
     def _make_loop(self, spec: LoopSpec):
-        unet = self.unet
-
-        def run(unet_params, sampler: Sampler, x, context, guidance_scale, guidance_rescale, rng, start, cond):
-            def apply(x_in, t_b):
-                if spec.mode == "inpaint_unet":
-                    x_in = jnp.concatenate([x_in, cond["mask"], cond["masked_latents"]], axis=-1)
-                return unet.apply({"params": unet_params}, x_in.astype(unet.dtype), t_b, context).astype(jnp.float32)
-
-            model_fn = guided(apply, guidance_scale, guidance_rescale) if spec.cfg else \
-                lambda x_in, t: apply(x_in, jnp.broadcast_to(t, (x_in.shape[0],)))
-
-            def blend(i, x):  # keep the known region on the noise level of the next step (exact at the end)
-                nxt = jnp.minimum(i + 1, sampler.num_steps - 1)
-                known = jnp.where(i + 1 < sampler.num_steps,
-                                  sampler.add_noise(cond["image_latents"], cond["noise"], nxt), cond["image_latents"])
-                return (1 - cond["latent_mask"]) * known + cond["latent_mask"] * x
-
-            return denoise(sampler, model_fn, x, rng, start, blend if spec.mode == "inpaint_blend" else None)
-
-        return run
+        return denoise_loop(self.unet, spec)
 
     # -- the three steps -------------------------------------------------------------------
 

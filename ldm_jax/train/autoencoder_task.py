@@ -558,6 +558,10 @@ class AutoencoderTask(loop.Task):
         lpips_params = load_lpips(self.config)
         return aux if lpips_params is None else jax.device_put({"lpips": lpips_params}, shardings)
 
+    def batch_spec(self, stage):
+        shape = (stage.batch_size, stage.resolution, stage.resolution, int(self.config.vae["in_channels"]))
+        return {"image": jax.ShapeDtypeStruct(shape, jnp.float32)}
+
     def batches(self, stage, rows, workdir):
         return make_data_iterator(self.config, workdir, rows)
 

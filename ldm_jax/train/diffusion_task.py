@@ -36,6 +36,7 @@ from ldm_jax.diffusion.sampling import denoise, guided
 from ldm_jax.diffusion.schedules import NoiseSchedule, add_noise, make_schedule, min_snr_weights, training_target
 from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.clip_text import CLIPTextModel
+from ldm_jax.models.remat import policy_name
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.train import loop, optim
 from ldm_jax.train import workdir as workdir_lib
@@ -99,13 +100,13 @@ def _uses_latents(config) -> bool:
 
 
 def build_models(config) -> DiffusionModels:
-    """UNet (trainable, ``config.train.compute_dtype``, ``remat``), frozen CLIP text encoder and VAE.
+    """UNet (trainable, ``config.train.compute_dtype``, ``remat`` policy), frozen CLIP text encoder and VAE.
 
     The VAE is skipped when ``config.data.source`` yields precomputed latents.
     """
     t = config.train
     dtype = _DTYPES[t.compute_dtype]
-    unet = UNet2DConditionModel(**dict(config.unet), dtype=dtype, remat=bool(t.remat))
+    unet = UNet2DConditionModel(**dict(config.unet), dtype=dtype, remat=policy_name(t.remat))
     text = CLIPTextModel(**dict(config.text_encoder), dtype=dtype)
     vae = None if _uses_latents(config) else AutoencoderKL(**dict(config.vae), dtype=dtype)
     return DiffusionModels(unet, text, vae)
@@ -170,7 +171,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     ``config.train`` and its learning-rate schedule."""
     t = config.train
     tx = optim.make_optimizer(t.lr, t.warmup_steps, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay,
-                              grad_clip_norm=t.grad_clip_norm, decay_steps=t.decay_steps)
+                              grad_clip_norm=t.grad_clip_norm, decay_steps=t.decay_steps, mu_dtype=t.mu_dtype)
     return tx, optim.learning_rate_schedule(t.lr, t.warmup_steps, t.decay_steps)
 
 
@@ -501,6 +502,27 @@ class DiffusionTask(loop.Task):
             return state
         return state.replace(params=jax.device_put(_cast_like(p.unet, state.params), shardings.params),
                              ema_params=jax.device_put(_cast_like(p.unet_ema, state.ema_params), shardings.ema_params))
+
+    def batch_spec(self, stage, inputs: str | None = None):
+        """``stage``'s global batch as ShapeDtypeStructs. ``inputs``: ``"images"`` (pixels encoded by
+        the VAE in the step), ``"cached"`` (``ldm-jax encode-dataset`` moments and text context),
+        ``"latents"`` (synthetic latents); default: what ``config.data`` gives."""
+        c, b = self.config, stage.batch_size
+        if inputs is None:
+            inputs = ("latents" if _uses_latents(c) else "cached" if stage_cached_latents(c, stage) else "images")
+        length, r = _text_length(c), stage.resolution
+        side = r // _latent_factor(c)
+        spec = {"input_ids": ((b, length), jnp.int32)}
+        if inputs == "images":
+            spec["image"] = ((b, r, r, c.vae.in_channels), jnp.float32)
+        elif inputs == "cached":
+            spec["moments"] = ((b, side, side, 2 * c.unet.in_channels), jnp.float32)
+            spec["context"] = ((b, length, c.text_encoder.hidden_size), jnp.float32)
+        elif inputs == "latents":
+            spec["latents"] = ((b, r, r, c.unet.in_channels), jnp.float32)
+        else:
+            raise ValueError(f"inputs must be 'images', 'cached' or 'latents', got {inputs!r}")
+        return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
     def batches(self, stage, rows, workdir):
         if self.batch_source_fn is not None:

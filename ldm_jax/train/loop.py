@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 
 from ldm_jax.configs.common import LOOP_KEYS
 from ldm_jax.errors import TrainingDiverged
+from ldm_jax.models.attention import on_mesh
 from ldm_jax.runtime import enable_compilation_cache, jit_compiler_options
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.data.pipeline import DevicePrefetchIterator
@@ -46,7 +47,7 @@ from ldm_jax.train import distributed, sharding
 from ldm_jax.train import workdir as workdir_lib
 from ldm_jax.train.writers import MetricsLog, MetricWriter
 
-__all__ = ["Stage", "Task", "Setup", "TrainResult", "TrainingDiverged", "stage_index", "setup", "abstract_state",
+__all__ = ["Stage", "Task", "Setup", "Programs", "programs", "TrainResult", "TrainingDiverged", "stage_index", "setup", "abstract_state",
            "compiler_options", "train"]
 
 Array = jax.Array
@@ -102,6 +103,10 @@ class Task:
         """Pure ``(state, batch, aux) -> (state, metrics)``; metrics are scalars."""
         raise NotImplementedError
 
+    def batch_spec(self, stage: Stage) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch of ``stage`` as shapes and dtypes, reading no data (ahead-of-time compiles)."""
+        raise NotImplementedError
+
     def batches(self, stage: Stage, rows: tuple[int, int], workdir: str | None) -> Iterator[dict]:
         """This process's ``rows`` of every global batch of ``stage``, numeric arrays only, with
         ``get_state()``/``set_state()``."""
@@ -146,9 +151,12 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Programs:
+class Programs:
+    """A task's jitted init and step on a mesh, and the abstract arguments of the step."""
+
     key: Array
     abstract_state: Any  # ShapeDtypeStructs carrying the state shardings
+    abstract_aux: Any  # the same for the aux
     state_shardings: Any
     aux_shardings: Any
     init_fn: Callable  # key -> (state, aux), jitted with out_shardings
@@ -181,19 +189,20 @@ def compiler_options(config, backend: str) -> dict | None:
     return jit_compiler_options(backend, None if options is None else dict(options))
 
 
-def _build(task: Task, mesh: Mesh) -> _Programs:
+def _build(task: Task, mesh: Mesh) -> Programs:
     key = jax.random.PRNGKey(int(task.config.train.seed))
     abstract_state, abstract_aux = jax.eval_shape(task.init, key)
     state_sh = task.state_shardings(abstract_state, mesh)
     aux_sh = task.aux_shardings(abstract_aux, mesh)
     opts = compiler_options(task.config, mesh.devices.flat[0].platform)
     init_fn = jax.jit(task.init, out_shardings=(state_sh, aux_sh), compiler_options=opts)
-    step_fn = jax.jit(task.step, donate_argnums=0, in_shardings=(state_sh, sharding.batch_sharding(mesh), aux_sh),
+    step_fn = jax.jit(on_mesh(task.step, mesh), donate_argnums=0, in_shardings=(state_sh, sharding.batch_sharding(mesh), aux_sh),
                       out_shardings=(state_sh, sharding.replicated(mesh)), compiler_options=opts)
-    return _Programs(key, ckpt_lib.abstract_like(abstract_state, state_sh), state_sh, aux_sh, init_fn, step_fn)
+    return Programs(key, ckpt_lib.abstract_like(abstract_state, state_sh), ckpt_lib.abstract_like(abstract_aux, aux_sh),
+                    state_sh, aux_sh, init_fn, step_fn)
 
 
-def _programs(task: Task, mesh: Mesh) -> _Programs:
+def _programs(task: Task, mesh: Mesh) -> Programs:
     key = task.cache_key()
     if key is not None:
         key = (key, mesh)
@@ -211,11 +220,17 @@ def _programs(task: Task, mesh: Mesh) -> _Programs:
     return hit
 
 
+def programs(task: Task, mesh: Mesh) -> Programs:
+    """The task's jitted init and step on ``mesh`` with their abstract arguments, built (traced lazily)
+    without creating any array: what ahead-of-time compiles start from (:mod:`ldm_jax.train.plan`)."""
+    task.start()
+    return _programs(task, mesh)
+
+
 def abstract_state(task: Task, mesh: Mesh) -> Any:
     """The task's train state as ``ShapeDtypeStruct`` leaves with their shardings on ``mesh`` (e.g. to
     restore a checkpoint onto another mesh), without creating anything."""
-    task.start()
-    return _programs(task, mesh).abstract_state
+    return programs(task, mesh).abstract_state
 
 
 def setup(task: Task, mesh: Mesh) -> Setup:
