@@ -10,8 +10,10 @@ compiler and partitioner. From the compiled program, per chip:
   outputs alias (the donated state), temporaries (activations, gradients), the program itself;
   ``peak = arguments + outputs - aliased + temporaries + program`` against the chip's HBM;
 - cost (``cost_analysis()``): FLOPs, HBM bytes and the TPU cost model's step time
-  (``optimal_seconds``), from which images/s/chip and MFU (model FLOPs, counted on the program
-  without rematerialisation, over step time and the chip's bf16 peak);
+  (``optimal_seconds``), plus the FLOPs of Pallas kernels without a cost estimate at the chip's
+  peak (the model counts those as free: jax's flash-attention backward), from which images/s/chip
+  and MFU (model FLOPs, counted on the program without rematerialisation, over step time and the
+  chip's bf16 peak);
 - the collectives of the partitioned program (kind, count, bytes) and what bounds the step: compute
   (FLOPs / peak), HBM traffic (bytes / bandwidth) or the collectives (bytes / ICI bandwidth).
 
@@ -34,6 +36,7 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.train import loop, make_task, sharding
@@ -47,7 +50,7 @@ GiB = 1 << 30
 PLAN_FIELDS = ("what", "config", "topology", "chip", "chips", "mesh", "stage", "resolution", "global_batch",
                "per_chip_batch", "grad_accum_steps", "remat", "mu_dtype", "compute_dtype", "attention", "inputs",
                "hbm_per_chip_gib", "fits", "buffers_per_chip_gib", "dominant", "flops_per_chip",
-               "model_flops_per_chip", "hbm_bytes_per_chip", "step_seconds", "images_per_s_per_chip", "mfu", "bound",
+               "model_flops_per_chip", "uncosted_kernel_flops_per_chip", "hbm_bytes_per_chip", "step_seconds", "images_per_s_per_chip", "mfu", "bound",
                "bound_seconds", "collectives", "lower_seconds", "compile_seconds")
 
 
@@ -132,9 +135,9 @@ def _conv_flops(eqn) -> float:
 def _sub_jaxprs(params: dict) -> Iterable:
     for v in params.values():
         for x in (v if isinstance(v, (tuple, list)) else (v,)):
-            if isinstance(x, jax.extend.core.ClosedJaxpr):
+            if isinstance(x, jax_core.ClosedJaxpr):
                 yield x.jaxpr
-            elif isinstance(x, jax.extend.core.Jaxpr):
+            elif isinstance(x, jax_core.Jaxpr):
                 yield x
 
 
@@ -151,6 +154,8 @@ def count_flops(jaxpr) -> float:
             total += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
+        elif name == "pallas_call":  # the kernel body runs once per grid point
+            total += math.prod(eqn.params["grid_mapping"].grid) * count_flops(eqn.params["jaxpr"])
         elif name == "cond":
             total += max(count_flops(b) for b in eqn.params["branches"])
         elif name == "while":
@@ -158,6 +163,22 @@ def count_flops(jaxpr) -> float:
         else:
             times = eqn.params["length"] if name == "scan" else 1
             total += times * sum(count_flops(j) for j in _sub_jaxprs(eqn.params))
+    return total
+
+
+def uncosted_kernel_flops(jaxpr) -> float:
+    """FLOPs of the Pallas kernels in a jaxpr that carry no cost estimate for XLA's cost model (jax's
+    flash-attention backward kernels, for one): the model counts them as free, so the plan adds them
+    to the step time at the chip's peak. Counted per device inside ``shard_map``."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            if eqn.params.get("cost_estimate") is None:
+                total += math.prod(eqn.params["grid_mapping"].grid) * count_flops(eqn.params["jaxpr"])
+            continue
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        total += times * sum(uncosted_kernel_flops(j) for j in _sub_jaxprs(eqn.params))
     return total
 
 
@@ -206,7 +227,7 @@ def _gib(n: float) -> float:
 
 
 def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per_chip: float,
-            buffers: dict[str, int], lower_s: float, compile_s: float) -> dict:
+            buffers: dict[str, int], lower_s: float, compile_s: float, uncosted_flops: float = 0.0) -> dict:
     """The plan fields every compiled program has (memory, cost, collectives, bound)."""
     mem = compiled.memory_analysis()
     args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
@@ -223,7 +244,8 @@ def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per
               "collectives": wire / the_chip.ici_bandwidth}
     if step_s <= 0:  # no cost model answer: the largest bound
         step_s = max(bounds.values())
-    largest = sorted(buffers.items(), key=lambda kv: -kv[1])
+    step_s += uncosted_flops / the_chip.bf16_flops
+    largest = sorted({**buffers, "temporaries": temps}.items(), key=lambda kv: -kv[1])
     return {
         "hbm_per_chip_gib": {"arguments": _gib(args), "outputs": _gib(outs), "aliased": _gib(alias),
                              "temporaries": _gib(temps), "program": _gib(code), "peak": _gib(peak),
@@ -233,6 +255,7 @@ def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per
         "dominant": [k for k, _ in largest[:3]] if peak > the_chip.hbm_bytes else [],
         "flops_per_chip": flops,
         "model_flops_per_chip": model_flops_per_chip,
+        "uncosted_kernel_flops_per_chip": uncosted_flops,
         "hbm_bytes_per_chip": hbm_bytes,
         "step_seconds": step_s,
         "images_per_s_per_chip": images_per_chip / step_s if step_s else None,
@@ -341,14 +364,16 @@ def plan_train(config, topology: str, *, inputs: str | None = None, stages: Sequ
                                  f"data x fsdp = {shards}")
             batch = _sharded(_batch_spec(task, stage, inputs), mesh)
             t0 = time.perf_counter()
-            lowered = progs.step_fn.lower(progs.abstract_state, batch, progs.abstract_aux)
+            traced = progs.step_fn.trace(progs.abstract_state, batch, progs.abstract_aux)
+            lowered = traced.lower()
             t1 = time.perf_counter()
             compiled = lowered.compile()
             t2 = time.perf_counter()
             flops = _model_flops(config, stage, inputs) / len(devices) if model_flops else None
             rep = _report(compiled, the_chip, images_per_chip=stage.batch_size / len(devices),
                           model_flops_per_chip=flops if flops else float(_cost(compiled).get("flops", 0.0)),
-                          buffers=_buffers(progs, batch), lower_s=t1 - t0, compile_s=t2 - t1)
+                          buffers=_buffers(progs, batch), lower_s=t1 - t0, compile_s=t2 - t1,
+                          uncosted_flops=uncosted_kernel_flops(traced.jaxpr))
             t = c.train
             reports.append({
                 "what": "train", "config": str(c.get("name", "")), "topology": topology, "chip": the_chip.name,
@@ -454,16 +479,14 @@ def peak_live_bytes(jaxpr) -> int:
     (arguments included; a call's, remat region's or scan body's own peak on top of its inputs). A
     schedule-free estimate of a program's memory: XLA reorders and fuses, so it is calibrated
     against a full compile in :func:`search`."""
-    from jax.extend.core import Var
-
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     last: dict = {}
     for i, eqn in enumerate(jaxpr.eqns):
         for v in eqn.invars:
-            if isinstance(v, Var):
+            if isinstance(v, jax_core.Var):
                 last[v] = i
     for v in jaxpr.outvars:
-        if isinstance(v, Var):
+        if isinstance(v, jax_core.Var):
             last[v] = len(jaxpr.eqns)
     live = {v: _nbytes(v.aval) for v in list(jaxpr.invars) + list(jaxpr.constvars)}
     current = peak = sum(live.values())
@@ -474,10 +497,10 @@ def peak_live_bytes(jaxpr) -> int:
         out = sum(_nbytes(v.aval) for v in eqn.outvars)
         peak = max(peak, current + inner + out)
         for v in eqn.outvars:
-            if isinstance(v, Var) and v in last:
+            if isinstance(v, jax_core.Var) and v in last:
                 live[v] = _nbytes(v.aval)
                 current += live[v]
-        for v in set(x for x in eqn.invars if isinstance(x, Var)):
+        for v in set(x for x in eqn.invars if isinstance(x, jax_core.Var)):
             if last.get(v) == i and v in live:
                 current -= live.pop(v)
     return int(peak)

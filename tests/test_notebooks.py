@@ -51,9 +51,13 @@ def run_notebook(name, params, tmp_path, timeout=600):
     nb.cells.insert(tagged[0] + 1, injected)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=timeout,
-                                     resources={"metadata": {"path": str(cwd)}})
-    client.execute()
+    km = _kernel_manager(tmp_path)
+    client = nbclient.NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(cwd)}})
+    try:
+        client.execute()
+    finally:  # nbclient leaves a kernel it was given running (GBs for the rest of the suite)
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return nb
 
 
