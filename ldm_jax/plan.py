@@ -39,6 +39,7 @@ import numpy as np
 from jax.extend import core as jax_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ldm_jax.models.remat import policy_name
 from ldm_jax.train import loop, make_task, sharding
 
 __all__ = ["Chip", "CHIPS", "chip", "topology_devices", "count_flops", "plan_train", "plan_sample", "search",
@@ -50,8 +51,9 @@ GiB = 1 << 30
 PLAN_FIELDS = ("what", "config", "topology", "chip", "chips", "mesh", "stage", "resolution", "global_batch",
                "per_chip_batch", "grad_accum_steps", "remat", "mu_dtype", "compute_dtype", "attention", "inputs",
                "hbm_per_chip_gib", "fits", "buffers_per_chip_gib", "dominant", "flops_per_chip",
-               "model_flops_per_chip", "uncosted_kernel_flops_per_chip", "hbm_bytes_per_chip", "step_seconds", "images_per_s_per_chip", "mfu", "bound",
-               "bound_seconds", "collectives", "lower_seconds", "compile_seconds")
+               "model_flops_per_chip", "uncosted_kernel_flops_per_chip", "hbm_bytes_per_chip", "step_seconds",
+               "step_time_from", "images_per_s_per_chip", "mfu", "bound", "bound_seconds", "collectives",
+               "lower_seconds", "compile_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +244,9 @@ def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per
     wire = sum(_WIRE[k] * v["bytes"] for k, v in coll.items())
     bounds = {"compute": flops / the_chip.bf16_flops, "hbm": hbm_bytes / the_chip.hbm_bandwidth,
               "collectives": wire / the_chip.ici_bandwidth}
-    if step_s <= 0:  # no cost model answer: the largest bound
-        step_s = max(bounds.values())
+    source = "cost model"
+    if step_s <= 0:  # no cost model answer (a while loop's program): the largest bound
+        step_s, source = max(bounds.values()), "largest bound"
     step_s += uncosted_flops / the_chip.bf16_flops
     largest = sorted({**buffers, "temporaries": temps}.items(), key=lambda kv: -kv[1])
     return {
@@ -258,6 +261,7 @@ def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per
         "uncosted_kernel_flops_per_chip": uncosted_flops,
         "hbm_bytes_per_chip": hbm_bytes,
         "step_seconds": step_s,
+        "step_time_from": source,
         "images_per_s_per_chip": images_per_chip / step_s if step_s else None,
         "mfu": model_flops_per_chip / step_s / the_chip.bf16_flops if step_s else None,
         "bound": max(bounds, key=bounds.get),
@@ -381,7 +385,7 @@ def plan_train(config, topology: str, *, inputs: str | None = None, stages: Sequ
                 "resolution": stage.resolution, "global_batch": stage.batch_size,
                 "per_chip_batch": stage.batch_size / shards,
                 "grad_accum_steps": int(t.get("grad_accum_steps", 1)),
-                "remat": str(t.get("remat", "")), "mu_dtype": str(t.get("mu_dtype", "") or "float32"),
+                "remat": policy_name(t.get("remat")), "mu_dtype": str(t.get("mu_dtype", "") or "float32"),
                 "compute_dtype": str(t.get("compute_dtype", "")),
                 "attention": str(dict(c.unet).get("attention_impl", "auto")) if "unet" in c else "",
                 "inputs": inputs or "config", **rep})

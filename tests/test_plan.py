@@ -165,5 +165,22 @@ def test_a_plan_that_does_not_fit_names_what_dominates():
                        buffers=buffers, lower_s=1, compile_s=2, uncosted_flops=197e11)
     assert rep["hbm_per_chip_gib"]["peak"] == 55 and not rep["fits"]
     assert rep["dominant"] == ["temporaries", "state.opt_state", "state.params"]
-    assert rep["step_seconds"] == pytest.approx(0.5)  # the cost model's 0.4 s + the uncosted kernels at peak
+    # the cost model's 0.4 s, plus the kernels it has no estimate for at the chip's peak
+    assert rep["step_seconds"] == pytest.approx(0.5) and rep["step_time_from"] == "cost model"
     assert rep["collectives"] == {"all-reduce": {"count": 1, "bytes": 1024 * 320 * 4}}
+
+
+@pytest.mark.parametrize("name", ["tiny_train", "tiny_autoencoder"])
+def test_batch_spec_is_the_shape_of_a_real_batch(name):
+    """What the plan compiles for is what the trainer feeds (keys, shapes, dtypes), read without data."""
+    from ldm_jax.train import make_task
+
+    task = make_task(plan._plan_config(load_config(name, ["--config.data.source=synthetic"])))
+    task.start()
+    stage = task.stages()[0]
+    real = next(iter(task.batches(stage, (0, stage.batch_size), None)))
+    spec = task.batch_spec(stage)
+    # (the synthetic source also gives the autoencoder captions, which its step does not read)
+    assert {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in spec.items()} == \
+        {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in real.items() if k in spec}
+    assert set(real) - set(spec) <= ({"input_ids"} if name == "tiny_autoencoder" else set())
