@@ -229,8 +229,13 @@ def _gib(n: float) -> float:
 
 
 def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per_chip: float,
-            buffers: dict[str, int], lower_s: float, compile_s: float, uncosted_flops: float = 0.0) -> dict:
-    """The plan fields every compiled program has (memory, cost, collectives, bound)."""
+            buffers: dict[str, int], lower_s: float, compile_s: float, uncosted_flops: float = 0.0,
+            loop_trips: int = 1) -> dict:
+    """The plan fields every compiled program has (memory, cost, collectives, bound).
+
+    ``loop_trips``: how often the program's main loop runs (denoising steps; gradient-accumulation
+    micro-batches). XLA's cost analysis counts a while loop's body once; when the compiled FLOPs show
+    that (well under the model's), its FLOPs, bytes and time are scaled by the trips."""
     mem = compiled.memory_analysis()
     args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     alias, temps = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
@@ -242,6 +247,9 @@ def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per
     step_s = float(cost.get("optimal_seconds", 0.0))
     coll = collectives(compiled.as_text())
     wire = sum(_WIRE[k] * v["bytes"] for k, v in coll.items())
+    # once-counted loop: compiled FLOPs near model / trips (up to +50% for remat), not near the model's
+    if loop_trips > 1 and flops < model_flops_per_chip * (1.5 / loop_trips + 1) / 2:
+        flops, hbm_bytes, step_s = flops * loop_trips, hbm_bytes * loop_trips, step_s * loop_trips
     bounds = {"compute": flops / the_chip.bf16_flops, "hbm": hbm_bytes / the_chip.hbm_bandwidth,
               "collectives": wire / the_chip.ici_bandwidth}
     source = "cost model"
@@ -342,8 +350,9 @@ def plan_train(config, topology: str, *, inputs: str | None = None, stages: Sequ
     ``inputs``: the batch's form for the diffusion task (``"images"`` encoded in the step, ``"cached"``
     latents and text context, ``"latents"``); default: what ``config.data`` gives. ``stages``: the stage
     indices to compile (default all); ``global_batch`` replaces the stages' batch; ``attention_impl`` the
-    UNet's attention implementation (default: the config's, else "auto" for the TPU). ``model_flops=False`` skips the remat-free trace (MFU then uses
-    the compiled FLOPs).
+    UNet's attention implementation (default: the config's, else "auto" for the TPU).
+    ``model_flops=False`` skips the remat-free trace: MFU then uses the compiled FLOPs (and a
+    gradient-accumulation loop's cost cannot be told from its once-counted body).
     """
     from ldm_jax.models import attention
 
@@ -377,7 +386,8 @@ def plan_train(config, topology: str, *, inputs: str | None = None, stages: Sequ
             rep = _report(compiled, the_chip, images_per_chip=stage.batch_size / len(devices),
                           model_flops_per_chip=flops if flops else float(_cost(compiled).get("flops", 0.0)),
                           buffers=_buffers(progs, batch), lower_s=t1 - t0, compile_s=t2 - t1,
-                          uncosted_flops=uncosted_kernel_flops(traced.jaxpr))
+                          uncosted_flops=uncosted_kernel_flops(traced.jaxpr),
+                          loop_trips=int(c.train.get("grad_accum_steps", 1)))
             t = c.train
             reports.append({
                 "what": "train", "config": str(c.get("name", "")), "topology": topology, "chip": the_chip.name,
@@ -449,16 +459,7 @@ def plan_sample(config, topology: str, *, batch: int = 1, height: int | None = N
     buffers = {"unet_params": _per_chip_bytes(params), "latents": _per_chip_bytes(x),
                "context": _per_chip_bytes(context)}
     rep = _report(compiled, the_chip, images_per_chip=batch / len(devices), model_flops_per_chip=flops / len(devices),
-                  buffers=buffers, lower_s=t1 - t0, compile_s=t2 - t1)
-    # XLA's cost analysis counts a while loop's body once: the loop's step time is per denoising step
-    per_iteration = rep["flops_per_chip"] < 0.5 * flops / len(devices)
-    if per_iteration:
-        rep["step_seconds"] *= steps
-        rep["flops_per_chip"] *= steps
-        rep["hbm_bytes_per_chip"] *= steps
-        rep["bound_seconds"] = {k: v * steps for k, v in rep["bound_seconds"].items()}
-        rep["images_per_s_per_chip"] = batch / len(devices) / rep["step_seconds"]
-        rep["mfu"] = flops / len(devices) / rep["step_seconds"] / the_chip.bf16_flops
+                  buffers=buffers, lower_s=t1 - t0, compile_s=t2 - t1, loop_trips=steps)
     return {"what": "sample", "config": str(config.get("name", "")), "topology": topology, "chip": the_chip.name,
             "chips": len(devices), "mesh": {"data": len(devices)}, "batch": batch, "height": height, "width": width,
             "steps": steps, "sampler": sampler, "guidance": guidance, "dtype": dt.name, "attention": attention_impl,
@@ -577,7 +578,7 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
         shards[f] = _per_chip_bytes((progs.abstract_state, progs.abstract_aux))
     t1 = time.perf_counter()
 
-    model_flops = traced["none", accum[0]][0] if ("none", accum[0]) in traced else None
+    model_flops = traced["none", accum[0]][0] if ("none", accum[0]) in traced else None  # MFU's numerator
     candidates = []
     for (r, a), (flops, live) in traced.items():
         for f in fsdp:
@@ -591,18 +592,20 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
                                "estimated_step_seconds": step_s, "estimated_images_per_s_per_chip": rows / step_s,
                                "estimated_mfu": (model_flops or flops) / n / step_s / the_chip.bf16_flops,
                                "estimated_bound": "compute" if compute_s >= ici_s else "collectives",
+                               "estimated_collective_seconds": ici_s,
                                "_peak": est_peak})
     fit = lambda c, scale=1.0: c["_peak"] * scale <= the_chip.hbm_bytes  # noqa: E731
-    ranked = sorted(candidates, key=lambda c: (not fit(c), -c["estimated_images_per_s_per_chip"], c["_peak"]))
+    # ties in FLOPs (same remat) go to the least communication, then the largest micro-batch (the better
+    # use of the chip), then the least memory
+    order = lambda c, scale=1.0: (not fit(c, scale), -c["estimated_images_per_s_per_chip"],  # noqa: E731
+                                  c["estimated_collective_seconds"], c["grad_accum_steps"], c["_peak"])
+    ranked = sorted(candidates, key=order)
     finals, scale = [], None
     for cand in [c for c in ranked if fit(c)][:finalists]:
         c = base.copy_and_resolve_references()
         c.mesh.update(cand["mesh"])
         c.train.update(dict(remat=cand["remat"], grad_accum_steps=cand["grad_accum_steps"]))
-        (rep,) = plan_train(c, topology, inputs=inputs, stages=[the_stage.index], model_flops=False)
-        if model_flops:
-            rep["model_flops_per_chip"] = model_flops / n
-            rep["mfu"] = model_flops / n / rep["step_seconds"] / the_chip.bf16_flops
+        (rep,) = plan_train(c, topology, inputs=inputs, stages=[the_stage.index])
         peak = rep["hbm_per_chip_gib"]["peak"] * GiB
         rep["estimated_peak_gib"] = cand["estimated_peak_gib"]
         rep["estimate_error"] = round(peak / cand["_peak"] - 1, 4)
@@ -611,10 +614,10 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
         scale = scale or peak / cand["_peak"]
         finals.append(rep)
     t2 = time.perf_counter()
+    ranked.sort(key=lambda c: order(c, scale or 1.0))
     for c in ranked:
         c["fits_estimate"] = fit(c, scale or 1.0)
         c["calibrated_peak_gib"] = _gib(c.pop("_peak") * (scale or 1.0))
-    ranked.sort(key=lambda c: (not c["fits_estimate"], -c["estimated_images_per_s_per_chip"]))
     finals.sort(key=lambda r: (not r["fits"], -(r["images_per_s_per_chip"] or 0)))
     return {"config": str(base.get("name", "")), "topology": topology, "chips": n, "stage": the_stage.index,
             "global_batch": batch, "candidates": ranked, "finalists": finals,
