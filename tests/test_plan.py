@@ -17,7 +17,7 @@ FAST = "--config.train.compiler_options={'xla_backend_optimization_level': 0}"
 @pytest.fixture(scope="module")
 def data_plan():
     """The tiny training step on v5e:2x2, a pure data mesh."""
-    return plan.plan_train(load_config("tiny_train", [FAST]), "v5e:2x2")
+    return plan.plan_train(load_config("tiny_train", [FAST]), "v5e:2x2", inputs="cached")
 
 
 def test_train_step_compiles_for_v5e_with_every_field(data_plan):
@@ -49,7 +49,8 @@ def fsdp_search():
     """The search on v4:2x2x1 over an fsdp=4 mesh; its finalist is the plain step (remat none, no
     accumulation) with the params, EMA and optimizer state sharded four ways."""
     config = load_config("tiny_train", [FAST])
-    return config, plan.search(config, "v4:2x2x1", fsdp=[4], remats=("none", "full"), accum=(1, 2), finalists=1)
+    return config, plan.search(config, "v4:2x2x1", fsdp=[4], remats=("none", "full"), accum=(1, 2), finalists=1,
+                               inputs="cached")
 
 
 def test_fsdp_shards_the_state_on_v4(data_plan, fsdp_search):
