@@ -316,12 +316,21 @@ def _batch_spec(task, stage, inputs):
     return task.batch_spec(stage, inputs) if inputs is not None else task.batch_spec(stage)
 
 
-def _model_flops(config, stage, inputs) -> float:
-    """FLOPs of one training step without rematerialisation (the model's forward and backward)."""
-    task = make_task(_plan_config(config, remat="none"))
+def _step_jaxpr(config, stage, inputs, rows: int | None = None, **train):
+    """The training step of ``config`` (with ``train`` overrides) traced on the stage's batch, or on
+    ``rows`` of it (one chip's share), unsharded; nothing compiled."""
+    task = make_task(_plan_config(config, **train))
     task.start()
     state, aux = jax.eval_shape(task.init, jax.random.PRNGKey(0))
-    return count_flops(jax.make_jaxpr(task.step)(state, _batch_spec(task, stage, inputs), aux))
+    spec = _batch_spec(task, stage, inputs)
+    if rows is not None:
+        spec = {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype) for k, v in spec.items()}
+    return jax.make_jaxpr(task.step)(state, spec, aux)
+
+
+def _model_flops(config, stage, inputs) -> float:
+    """FLOPs of one training step without rematerialisation (the model's forward and backward)."""
+    return count_flops(_step_jaxpr(config, stage, inputs, remat="none"))
 
 
 def _buffers(progs, batch: dict) -> dict[str, int]:
@@ -511,12 +520,10 @@ def peak_live_bytes(jaxpr) -> int:
     return int(peak)
 
 
-def _wire_bytes_estimate(state_bytes: int, params_bytes: int, data: int, fsdp: int, accum: int,
-                         compute_bytes: int) -> float:
+def _wire_bytes_estimate(params_bytes: int, data: int, fsdp: int, accum: int, compute_bytes: int) -> float:
     """Bytes one chip sends per step: FSDP gathers the (compute-dtype) params for the forward and
     the backward of every micro-batch and reduce-scatters the gradients; data parallelism all-reduces
     each chip's gradient shard."""
-    del state_bytes
     wire = 0.0
     if fsdp > 1:
         wire += 2 * accum * compute_bytes * (fsdp - 1) / fsdp + params_bytes * (fsdp - 1) / fsdp
@@ -557,12 +564,7 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
     traced: dict = {}  # (remat, accum) -> (flops at the global batch, peak live bytes at one chip's rows)
     for r in remats:
         for a in accum:
-            t = make_task(_plan_config(config, remat=r, grad_accum_steps=a))
-            t.start()
-            state, aux = jax.eval_shape(t.init, jax.random.PRNGKey(0))
-            spec = _batch_spec(t, the_stage, inputs)
-            local = {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype) for k, v in spec.items()}
-            jaxpr = jax.make_jaxpr(t.step)(state, local, aux)
+            jaxpr = _step_jaxpr(config, the_stage, inputs, rows, remat=r, grad_accum_steps=a)
             traced[r, a] = (count_flops(jaxpr) * n, peak_live_bytes(jaxpr))
     full_state, full_aux = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     args_full = _per_chip_bytes((full_state, full_aux))
@@ -584,7 +586,7 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
         for f in fsdp:
             est_peak = live - args_full + shards[f]
             compute_s = flops / n / the_chip.bf16_flops
-            ici_s = _wire_bytes_estimate(args_full, params_bytes, n // f, f, a, compute_bytes) / the_chip.ici_bandwidth
+            ici_s = _wire_bytes_estimate(params_bytes, n // f, f, a, compute_bytes) / the_chip.ici_bandwidth
             step_s = max(compute_s, ici_s)
             candidates.append({"mesh": {"data": n // f, "fsdp": f, "tensor": 1}, "remat": r, "grad_accum_steps": a,
                                "micro_batch_per_chip": rows // a, "estimated_peak_gib": _gib(est_peak),
