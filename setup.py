@@ -31,6 +31,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout",
+            "pytest-xdist",  # make test: one worker per core (at most 4), a test file per worker
             "torch==2.13.0",
             "diffusers>=0.40",
             "accelerate",
