@@ -53,7 +53,7 @@ PLAN_FIELDS = ("what", "config", "topology", "chip", "chips", "mesh", "stage", "
                "hbm_per_chip_gib", "fits", "buffers_per_chip_gib", "dominant", "flops_per_chip",
                "model_flops_per_chip", "uncosted_kernel_flops_per_chip", "hbm_bytes_per_chip", "step_seconds",
                "step_time_from", "images_per_s_per_chip", "mfu", "bound", "bound_seconds", "collectives",
-               "lower_seconds", "compile_seconds")
+               "lower_seconds", "compile_seconds", "compile_cached")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,35 +217,94 @@ def _per_chip_bytes(tree) -> int:
     return int(total)
 
 
-def _cost(compiled) -> dict:
+def _analyse(compiled) -> dict:
+    """What a plan reads of a compiled program: its memory, the cost model's figures and the
+    partitioned program's collectives (plain numbers, so :func:`_compile` can keep them)."""
+    mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return dict(cost or {})
+    cost = dict(cost or {})
+    return {"memory": {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                       "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+                       "program": int(mem.generated_code_size_in_bytes)},
+            "cost": {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")},
+            "collectives": collectives(compiled.as_text())}
+
+
+def _analysis_cache_dir() -> str | None:
+    """Where compiled programs' analyses are kept: ``plan/`` in JAX's persistent compilation cache
+    directory when one is set (``ldm-jax`` sets it) and local. JAX's own cache cannot serve a plan:
+    an executable compiled for a topology without its devices is written but cannot be read back
+    ("PjRtCompiler must be constructed with a Client"), so the plan keeps what it reads instead."""
+    root = jax.config.jax_compilation_cache_dir
+    if not root or "://" in root:
+        return None
+    return os.path.join(root, "plan")
+
+
+def _compile(lowered, topology: str) -> tuple[dict, float, bool]:
+    """Compile ``lowered`` for ``topology`` and analyse it, or read the analysis of the identical
+    program (its StableHLO, shardings included, the topology, jax and libtpu versions, compiler
+    flags) from :func:`_analysis_cache_dir`. Returns (analysis, compile seconds, from the cache)."""
+    import hashlib
+    import importlib.metadata
+    import json
+
+    cache = _analysis_cache_dir()
+    path = None
+    if cache:
+        try:
+            libtpu = importlib.metadata.version("libtpu")
+        except importlib.metadata.PackageNotFoundError:
+            libtpu = ""
+        h = hashlib.sha256()
+        for part in (topology, jax.__version__, libtpu, os.environ.get("XLA_FLAGS", ""),
+                     os.environ.get("LIBTPU_INIT_ARGS", ""), lowered.as_text()):
+            h.update(part.encode() + b"\0")
+        path = os.path.join(cache, h.hexdigest() + ".json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+                return saved["analysis"], float(saved["compile_seconds"]), True
+            except (OSError, ValueError, KeyError) as e:  # a damaged entry: compile again
+                logging.warning("plan: ignoring the cached analysis %s (%s)", path, e)
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # (it could not read the executable back)
+    try:
+        t0 = time.perf_counter()
+        analysis = _analyse(lowered.compile())
+        seconds = time.perf_counter() - t0
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"analysis": analysis, "compile_seconds": seconds}, f)
+        os.replace(tmp, path)  # whole or absent
+    return analysis, seconds, False
 
 
 def _gib(n: float) -> float:
     return float(f"{n / GiB:.4g}")  # 4 significant digits: 36.73, 0.005432
 
 
-def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per_chip: float,
+def _report(analysis: dict, the_chip: Chip, *, images_per_chip: float, model_flops_per_chip: float,
             buffers: dict[str, int], lower_s: float, compile_s: float, uncosted_flops: float = 0.0,
-            loop_trips: int = 1) -> dict:
+            loop_trips: int = 1, cached: bool = False) -> dict:
     """The plan fields every compiled program has (memory, cost, collectives, bound).
 
     ``loop_trips``: how often the program's main loop runs (denoising steps; gradient-accumulation
     micro-batches). XLA's cost analysis counts a while loop's body once; when the compiled FLOPs show
     that (well under the model's), its FLOPs, bytes and time are scaled by the trips."""
-    mem = compiled.memory_analysis()
-    args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
-    alias, temps = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
-    code = int(mem.generated_code_size_in_bytes)
+    mem = analysis["memory"]
+    args, outs, alias, temps, code = (mem[k] for k in ("arguments", "outputs", "aliased", "temporaries", "program"))
     peak = args + outs - alias + temps + code
-    cost = _cost(compiled)
-    flops = float(cost.get("flops", 0.0))
-    hbm_bytes = float(cost.get("bytes accessed", 0.0))
-    step_s = float(cost.get("optimal_seconds", 0.0))
-    coll = collectives(compiled.as_text())
+    cost = analysis["cost"]
+    flops, hbm_bytes, step_s = cost["flops"], cost["bytes accessed"], cost["optimal_seconds"]
+    coll = analysis["collectives"]
     wire = sum(_WIRE[k] * v["bytes"] for k, v in coll.items())
     # once-counted loop: compiled FLOPs near model / trips (up to +50% for remat), not near the model's
     if loop_trips > 1 and flops < model_flops_per_chip * (1.5 / loop_trips + 1) / 2:
@@ -277,6 +336,7 @@ def _report(compiled, the_chip: Chip, *, images_per_chip: float, model_flops_per
         "collectives": coll,
         "lower_seconds": round(lower_s, 2),
         "compile_seconds": round(compile_s, 2),
+        "compile_cached": cached,
     }
 
 
@@ -389,12 +449,11 @@ def plan_train(config, topology: str, *, inputs: str | None = None, stages: Sequ
             traced = progs.step_fn.trace(progs.abstract_state, batch, progs.abstract_aux)
             lowered = traced.lower()
             t1 = time.perf_counter()
-            compiled = lowered.compile()
-            t2 = time.perf_counter()
+            analysis, compile_s, cached = _compile(lowered, topology)
             flops = _model_flops(config, stage, inputs) / len(devices) if model_flops else None
-            rep = _report(compiled, the_chip, images_per_chip=stage.batch_size / len(devices),
-                          model_flops_per_chip=flops if flops else float(_cost(compiled).get("flops", 0.0)),
-                          buffers=_buffers(progs, batch), lower_s=t1 - t0, compile_s=t2 - t1,
+            rep = _report(analysis, the_chip, images_per_chip=stage.batch_size / len(devices),
+                          model_flops_per_chip=flops if flops else analysis["cost"]["flops"],
+                          buffers=_buffers(progs, batch), lower_s=t1 - t0, compile_s=compile_s, cached=cached,
                           uncosted_flops=uncosted_kernel_flops(traced.jaxpr),
                           loop_trips=int(c.train.get("grad_accum_steps", 1)))
             t = c.train
@@ -461,14 +520,13 @@ def plan_sample(config, topology: str, *, batch: int = 1, height: int | None = N
         lowered = jax.jit(attention.on_mesh(denoise_loop(unet, spec), mesh)).lower(params, smp, x, context, scalar(jnp.float32),
                                                           scalar(jnp.float32), key, scalar(jnp.int32), {})
         t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
+        analysis, compile_s, cached = _compile(lowered, topology)
         call = jax.make_jaxpr(lambda p, xx, cc: unet.apply({"params": p}, xx, jnp.zeros((n_ctx,), jnp.int32), cc))
         flops = count_flops(call(params, jax.ShapeDtypeStruct((n_ctx,) + x.shape[1:], dt), context)) * steps
     buffers = {"unet_params": _per_chip_bytes(params), "latents": _per_chip_bytes(x),
                "context": _per_chip_bytes(context)}
-    rep = _report(compiled, the_chip, images_per_chip=batch / len(devices), model_flops_per_chip=flops / len(devices),
-                  buffers=buffers, lower_s=t1 - t0, compile_s=t2 - t1, loop_trips=steps)
+    rep = _report(analysis, the_chip, images_per_chip=batch / len(devices), model_flops_per_chip=flops / len(devices),
+                  buffers=buffers, lower_s=t1 - t0, compile_s=compile_s, loop_trips=steps, cached=cached)
     return {"what": "sample", "config": str(config.get("name", "")), "topology": topology, "chip": the_chip.name,
             "chips": len(devices), "mesh": {"data": len(devices)}, "batch": batch, "height": height, "width": width,
             "steps": steps, "sampler": sampler, "guidance": guidance, "dtype": dt.name, "attention": attention_impl,

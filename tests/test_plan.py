@@ -1,5 +1,6 @@
 """`ldm-jax plan`: the real TPU compiler (libtpu, no TPU) on the tiny configs."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +156,7 @@ def test_pallas_kernels_count_per_grid_point_and_uncosted_ones_are_found():
 
 
 class Compiled:
-    """What _report reads of a compiled program."""
+    """What _analyse reads of a compiled program."""
 
     def __init__(self, flops=9e13):
         self.flops = flops
@@ -174,7 +175,7 @@ class Compiled:
 
 def test_a_plan_that_does_not_fit_names_what_dominates():
     buffers = {"state.opt_state": 6 * plan.GiB, "state.params": 3 * plan.GiB, "aux.text": plan.GiB}
-    rep = plan._report(Compiled(), plan.CHIPS["v5e"], images_per_chip=32, model_flops_per_chip=8e13,
+    rep = plan._report(plan._analyse(Compiled()), plan.CHIPS["v5e"], images_per_chip=32, model_flops_per_chip=8e13,
                        buffers=buffers, lower_s=1, compile_s=2, uncosted_flops=197e11)
     assert rep["hbm_per_chip_gib"]["peak"] == 55 and not rep["fits"]
     assert rep["dominant"] == ["temporaries", "state.opt_state", "state.params"]
@@ -202,8 +203,35 @@ def test_batch_spec_is_the_shape_of_a_real_batch(name):
 def test_a_loop_counted_once_is_scaled_by_its_trips():
     """XLA's cost analysis counts a while loop's body once (gradient accumulation, the denoising loop)."""
     kw = dict(images_per_chip=32, model_flops_per_chip=8e13, buffers={}, lower_s=1, compile_s=2)
-    once = plan._report(Compiled(flops=2.4e13), plan.CHIPS["v5p"], loop_trips=4, **kw)  # remat'd body: 1.2x / 4
+    once = plan._report(plan._analyse(Compiled(flops=2.4e13)), plan.CHIPS["v5p"], loop_trips=4, **kw)  # remat'd body: 1.2x / 4
     assert once["flops_per_chip"] == pytest.approx(9.6e13) and once["step_seconds"] == pytest.approx(1.6)
     assert once["hbm_bytes_per_chip"] == pytest.approx(2e12)
-    whole = plan._report(Compiled(flops=9.6e13), plan.CHIPS["v5p"], loop_trips=4, **kw)  # already counted whole
+    whole = plan._report(plan._analyse(Compiled(flops=9.6e13)), plan.CHIPS["v5p"], loop_trips=4, **kw)  # already counted whole
     assert whole["flops_per_chip"] == pytest.approx(9.6e13) and whole["step_seconds"] == pytest.approx(0.4)
+
+
+def test_a_rerun_reads_the_analysis_of_the_identical_program(tmp_path):
+    """JAX's persistent cache cannot load an executable compiled for devices it does not have; the plan
+    keeps the analysis of each compiled program under the cache directory instead, keyed by the program."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = plan.topology_devices("v5e:2x2")
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=NamedSharding(Mesh(np.asarray(devices), ("data",)), P("data")))
+    lower = lambda k: jax.jit(lambda a: jnp.sum(jnp.tanh(a) * k)).lower(x)  # noqa: E731
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:
+        first, again, other = (plan._compile(lower(k), "v5e:2x2") for k in (2.0, 2.0, 3.0))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+    assert (first[2], again[2], other[2]) == (False, True, False)
+    assert again[:2] == first[:2] and first[0]["memory"]["arguments"] > 0 and first[0]["cost"]["flops"] > 0
+    assert len(os.listdir(tmp_path / "plan")) == 2 and jax.config.jax_enable_compilation_cache
+    # a damaged entry is compiled again, not trusted
+    for name in os.listdir(tmp_path / "plan"):
+        (tmp_path / "plan" / name).write_text("{")
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:
+        assert plan._compile(lower(2.0), "v5e:2x2")[0] == first[0]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
