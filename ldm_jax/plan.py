@@ -376,16 +376,20 @@ def _batch_spec(task, stage, inputs):
     return task.batch_spec(stage, inputs) if inputs is not None else task.batch_spec(stage)
 
 
-def _step_jaxpr(config, stage, inputs, rows: int | None = None, **train):
+def _step_jaxpr(config, stage, inputs, rows: int | None = None, platform: str | None = None, **train):
     """The training step of ``config`` (with ``train`` overrides) traced on the stage's batch, or on
-    ``rows`` of it (one chip's share), unsharded; nothing compiled."""
+    ``rows`` of it (one chip's share), unsharded; nothing compiled. ``platform``: trace as for that
+    platform (``"tpu"``: the attention ``"auto"`` picks there, the Pallas kernel); default the host's."""
+    from ldm_jax.models import attention
+
     task = make_task(_plan_config(config, **train))
     task.start()
     state, aux = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     spec = _batch_spec(task, stage, inputs)
     if rows is not None:
         spec = {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype) for k, v in spec.items()}
-    return jax.make_jaxpr(task.step)(state, spec, aux)
+    with attention.target_platform(platform or attention.current_platform()):
+        return jax.make_jaxpr(task.step)(state, spec, aux)
 
 
 def _model_flops(config, stage, inputs) -> float:
@@ -622,7 +626,7 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
     traced: dict = {}  # (remat, accum) -> (flops at the global batch, peak live bytes at one chip's rows)
     for r in remats:
         for a in accum:
-            jaxpr = _step_jaxpr(config, the_stage, inputs, rows, remat=r, grad_accum_steps=a)
+            jaxpr = _step_jaxpr(config, the_stage, inputs, rows, devices[0].platform, remat=r, grad_accum_steps=a)
             traced[r, a] = (count_flops(jaxpr) * n, peak_live_bytes(jaxpr))
     full_state, full_aux = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     args_full = _per_chip_bytes((full_state, full_aux))
@@ -655,10 +659,11 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
                                "estimated_collective_seconds": ici_s,
                                "_peak": est_peak})
     fit = lambda c, scale=1.0: c["_peak"] * scale <= the_chip.hbm_bytes  # noqa: E731
-    # ties in FLOPs (same remat) go to the least communication, then the largest micro-batch (the better
-    # use of the chip), then the least memory
+    # ties in step time go to the least compute (no recomputation the step does not need), then the least
+    # communication, then the largest micro-batch (the better use of the chip), then the least memory
     order = lambda c, scale=1.0: (not fit(c, scale), -c["estimated_images_per_s_per_chip"],  # noqa: E731
-                                  c["estimated_collective_seconds"], c["grad_accum_steps"], c["_peak"])
+                                  c["flops_per_chip"], c["estimated_collective_seconds"], c["grad_accum_steps"],
+                                  c["_peak"])
     ranked = sorted(candidates, key=order)
     finals, scale = [], None
     for cand in [c for c in ranked if fit(c)][:finalists]:
