@@ -28,9 +28,10 @@ install: $(TEST_STAMP)
 # pytest under the CPU malloc settings (on the CPU backend only; XLA:CPU steps faster and steadier):
 # ldm_jax/runtime.py sets GLIBC_TUNABLES and execs the command, as `ldm-jax` does for itself.
 # One worker per core (at most 4; a test file stays on one worker, so its module fixtures are built
-# once): a serial run leaves a core idle while a test traces or compiles.
+# once; the longest files first: tests/conftest.py): a serial run leaves a core idle while a test
+# traces or compiles.
 test: $(TEST_STAMP)
-	$(PY) -m ldm_jax.runtime $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 15 tests
+	$(PY) -m ldm_jax.runtime $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations 15 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/ldm-jax demo --out demo_out
