@@ -26,6 +26,7 @@ per-chip micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -641,6 +642,9 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
         progs = loop.programs(tf, sharding.make_mesh(dict(c.mesh), devices))
         shards[f] = _per_chip_bytes((progs.abstract_state, progs.abstract_aux))
     t1 = time.perf_counter()
+    # the traces above stay in JAX's caches (GBs at SD size), and a full compile needs ~18 GB of its own
+    jax.clear_caches()
+    gc.collect()
 
     model_flops = traced["none", accum[0]][0] if ("none", accum[0]) in traced else None  # MFU's numerator
     candidates = []
@@ -671,6 +675,8 @@ def search(config, topology: str, *, stage: int = -1, fsdp: Sequence[int] | None
         c.mesh.update(cand["mesh"])
         c.train.update(dict(remat=cand["remat"], grad_accum_steps=cand["grad_accum_steps"]))
         (rep,) = plan_train(c, topology, inputs=inputs, stages=[the_stage.index])
+        jax.clear_caches()
+        gc.collect()
         peak = rep["hbm_per_chip_gib"]["peak"] * GiB
         rep["estimated_peak_gib"] = cand["estimated_peak_gib"]
         rep["estimate_error"] = round(peak / cand["_peak"] - 1, 4)
