@@ -34,6 +34,7 @@ setup(
             "pytest-xdist",  # make test: one worker per core (at most 4), a test file per worker
             "torch==2.13.0",
             "diffusers>=0.40",
+            "peft==0.21.2",  # the reference for LoRA files (tests/test_lora.py)
             "accelerate",
             "nbclient",
             "ipykernel",

@@ -55,6 +55,7 @@ def cmd_sample(args) -> None:
         step=args.step,
         ema=args.ema,
         tokenizer=args.tokenizer,
+        lora=args.lora or (),
     )
 
 
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt/.bin (runs code!)")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (a workdir trained without one)")
+    s.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors, folder or hub id; diffusers/PEFT or kohya) at SCALE (default 1); "
+                        "repeat for several")
     _add_checkpoint_args(s)
     s.add_argument("--out", required=True)
 

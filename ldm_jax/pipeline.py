@@ -7,7 +7,9 @@ The whole denoising loop (:func:`ldm_jax.diffusion.denoise` with classifier-free
 sample's (unconditional, conditional) context pair, the sampler step, inpainting blending) is one
 ``lax.fori_loop`` under ``jax.jit``. Guidance scale, guidance rescale, seed, prompts and img2img
 strength are traced values: changing them never recompiles. Image size, batch size, sampler and
-step count compile once per value (:class:`LoopSpec`); with the persistent compilation cache on
+step count compile once per value (:class:`LoopSpec`). LoRA adapters (:meth:`StableDiffusionPipeline.
+load_lora_weights`) are merged into a copy of the weights the loop takes as arguments: a new scale or
+another adapter never recompiles it. With the persistent compilation cache on
 (:func:`ldm_jax.runtime.enable_compilation_cache`, as the ``ldm-jax`` command does) a second process
 reuses those compilations. Batches are sharded over the ``data`` axis of a mesh of all devices.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -27,6 +30,7 @@ from ldm_jax.convert.loading import load_model
 from ldm_jax.diffusion.samplers import Sampler, get_sampler_from_config, sampler_class
 from ldm_jax.diffusion.sampling import denoise, guided
 from ldm_jax.models.attention import on_mesh
+from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
 from ldm_jax.models.clip_text import clip_text_from_config
 from ldm_jax.models.tokenizer import PromptTokenizer
@@ -218,6 +222,12 @@ class StableDiffusionPipeline:
         replicated = NamedSharding(self.mesh, P())
         cast = lambda x: jnp.asarray(x, self.dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
         self.params = jax.device_put(jax.tree.map(cast, params), replicated)
+        self._base_params = self.params  # without adapters; self.params = with the active ones merged
+        self._adapters: dict[str, dict] = {}  # name -> {"unet": tree, "text_encoder": tree} (fp32)
+        self._scales: dict[str, float] = {}  # the active adapters and their scales
+        self._lora_enabled = True
+        self._unfused: list[tuple[dict, dict]] = []  # (params, scales) before each fuse_lora
+        self._merge = jax.jit(lambda base, trees, scales: lora_lib.merge(base, zip(trees, scales)))
         self._loops: dict[LoopSpec, Callable] = {}
         jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self._encode_text = jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids).context)
@@ -245,6 +255,109 @@ class StableDiffusionPipeline:
                                  f"(a folder or hub id; `ldm-jax sample --tokenizer`, from_pretrained(tokenizer=))")
             tokenizer = PromptTokenizer.from_pretrained(source)
         return cls(loaded.config, loaded.params, tokenizer, dtype=dtype, **kwargs)
+
+    # -- LoRA adapters ---------------------------------------------------------------------
+
+    def load_lora_weights(self, path_or_id: str, adapter_name: str | None = None, *, scale: float = 1.0,
+                          weight_name: str | None = None, allow_pickle: bool = False) -> str:
+        """Load a LoRA (a ``.safetensors`` file, a folder with ``pytorch_lora_weights.safetensors`` or
+        ``weight_name``, or a hub repo; diffusers/PEFT or kohya layout, :mod:`ldm_jax.convert.lora`) for
+        the UNet and/or the text encoder and activate it with ``scale`` beside the active ones.
+        Returns its name (default ``adapter_<n>``). Raises WeightsError naming the keys that do not fit."""
+        from ldm_jax.convert.lora import read_lora
+
+        name = adapter_name or f"adapter_{len(self._adapters)}"
+        if name in self._adapters:
+            raise ValueError(f"an adapter named {name!r} is loaded already (delete_adapters() it, or pick a name)")
+        self._check_scale(name, scale)
+        shapes = {k: jax.eval_shape(lambda p: p, self._base_params[k]) for k in ("unet", "text_encoder")}
+        trees = read_lora(path_or_id, shapes, weight_name=weight_name, allow_pickle=allow_pickle)
+        self._adapters[name] = jax.device_put(trees, NamedSharding(self.mesh, P()))
+        self._scales[name] = float(scale)
+        self._refresh()
+        return name
+
+    @staticmethod
+    def _check_scale(name, scale):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(scale):
+            raise ValueError(f"LoRA scale of {name!r} must be a finite number, got {scale!r}")
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None):
+        """Activate exactly ``adapter_names`` with their scales (default 1.0 each); the others stay
+        loaded, inactive. Changing scales or adapters of the same shapes compiles nothing."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if adapter_weights is not None else 1.0
+        weights = [weights] * len(names) if np.ndim(weights) == 0 else list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} weights")
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; loaded: {sorted(self._adapters)}")
+        for n, w in zip(names, weights):
+            self._check_scale(n, w)
+        self._scales = {n: float(w) for n, w in zip(names, weights)}
+        self._refresh()
+
+    def get_active_adapters(self) -> dict[str, float]:
+        """``{name: scale}`` of the adapters in use (empty while LoRA is disabled)."""
+        return dict(self._scales) if self._lora_enabled else {}
+
+    def disable_lora(self):
+        self._lora_enabled = False
+        self._refresh()
+
+    def enable_lora(self):
+        self._lora_enabled = True
+        self._refresh()
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]):
+        for n in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            if n not in self._adapters:
+                raise ValueError(f"no adapter named {n!r}; loaded: {sorted(self._adapters)}")
+            del self._adapters[n]
+            self._scales.pop(n, None)
+        self._refresh()
+
+    def unload_lora_weights(self):
+        """Drop every adapter that is not fused: the weights are the base ones (plus fused adapters)."""
+        self._adapters.clear()
+        self._scales.clear()
+        self._refresh()
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: Sequence[str] | None = None):
+        """Merge the active adapters (or ``adapter_names``), times ``lora_scale``, into the base weights;
+        they are no longer active. :meth:`unfuse_lora` restores the weights from before, exactly (a copy
+        is kept, not a subtraction)."""
+        names = list(adapter_names) if adapter_names is not None else list(self.get_active_adapters())
+        if not names:
+            raise ValueError("no adapter to fuse: load one (load_lora_weights) or name it")
+        scales = {n: self._scales.get(n, 1.0) * float(lora_scale) for n in names}
+        self._unfused.append((self._base_params, dict(self._scales)))
+        self._base_params = self._merged(self._base_params, scales)
+        for n in names:
+            self._scales.pop(n, None)
+        self._refresh()
+
+    def unfuse_lora(self):
+        """Undo the last :meth:`fuse_lora`: its base weights back, its adapters active again."""
+        if not self._unfused:
+            raise ValueError("no fused LoRA to unfuse")
+        self._base_params, scales = self._unfused.pop()
+        self._scales = {n: s for n, s in scales.items() if n in self._adapters}
+        self._refresh()
+
+    def _merged(self, params: dict, scales: dict[str, float]) -> dict:
+        out = dict(params)
+        for model in ("unet", "text_encoder"):
+            trees = [self._adapters[n][model] for n in scales if self._adapters[n][model]]
+            if trees:
+                values = [jnp.float32(scales[n]) for n in scales if self._adapters[n][model]]
+                out[model] = self._merge(params[model], trees, values)
+        return out
+
+    def _refresh(self):
+        self.params = self._merged(self._base_params, self.get_active_adapters())
 
     # -- building blocks (each jitted once per shape) --------------------------------------
 
@@ -524,13 +637,27 @@ def _save_png(image, path: str) -> None:
         raise
 
 
+def parse_lora_arg(item: str) -> tuple[str, float]:
+    """``"FILE[:SCALE]"`` -> ``(FILE, SCALE)`` (scale 1.0 when the part after the last ``:`` is not a number,
+    so ``gs://b/lora.safetensors`` is a path)."""
+    path, sep, tail = item.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            if re.fullmatch(r"[-+.\deE]+", tail):
+                raise ValueError(f"--lora {item!r}: the scale {tail!r} is not a number") from None
+    return item, 1.0
+
+
 def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num_images: int = 1,
                   height=None, width=None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                   sampler: str = "ddim", seed: int = 0, init_image=None, strength: float | None = None, mask=None,
                   dtype: str = "float32", allow_pickle: bool = False, step: int | None = None,
-                  ema: bool | None = None, tokenizer: str | None = None) -> list[str]:
+                  ema: bool | None = None, tokenizer: str | None = None, lora: Sequence[str] = ()) -> list[str]:
     """What ``ldm-jax sample`` does: load, sample (txt2img / img2img / inpaint), write PNGs and a grid.
 
+    ``lora``: ``"FILE[:SCALE]"`` items (:func:`parse_lora_arg`), each loaded and active at its scale.
     ``strength``: img2img and inpainting (default 0.75 and 1.0, as their methods). ``step``/``ema``:
     checkpoint and EMA/raw weights when ``model`` is a training workdir; ``tokenizer`` replaces the
     model's own. Images are written atomically (a temporary file renamed)."""
@@ -549,8 +676,11 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
         raise ValueError(f"--num-images must be >= 1, got {num_images!r}")
     img = _open_image(init_image, "RGB", "--init-image") if init_image is not None else None
     mask_img = _open_image(mask, "L", "--mask") if mask is not None else None
+    loras = [parse_lora_arg(item) for item in lora]
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle,
                                                    step=step, ema=ema, tokenizer=tokenizer)
+    for path, scale in loras:
+        pipe.load_lora_weights(path, scale=scale, allow_pickle=allow_pickle)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                   num_images_per_prompt=num_images)
     os.makedirs(out_dir, exist_ok=True)
