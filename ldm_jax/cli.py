@@ -72,9 +72,14 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_convert(args) -> None:
-    from ldm_jax.convert import convert_to_diffusers
+    if args.lora:  # a LoRA run's adapters as a diffusers/PEFT LoRA file
+        from ldm_jax.train.workdir import export_lora
 
-    out = convert_to_diffusers(args.src, args.out, allow_pickle=args.allow_pickle, step=args.step, ema=args.ema)
+        out = export_lora(args.src, args.out, step=args.step, ema=True if args.ema is None else args.ema)
+    else:
+        from ldm_jax.convert import convert_to_diffusers
+
+        out = convert_to_diffusers(args.src, args.out, allow_pickle=args.allow_pickle, step=args.step, ema=args.ema)
     _print_json({"written": out})
 
 
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--allow-pickle", action="store_true")
+    c.add_argument("--lora", action="store_true", help="a LoRA training workdir -> its adapters as a "
+                   "diffusers/PEFT pytorch_lora_weights.safetensors (OUT: a file or a folder)")
     _add_checkpoint_args(c)
 
     x = sub.add_parser("encode-dataset", help="cache VAE posterior moments + text-encoder context as ArrayRecord "

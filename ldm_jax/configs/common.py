@@ -42,6 +42,22 @@ def loop_config(**overrides) -> ml_collections.ConfigDict:
 LOOP_KEYS = frozenset(loop_config().keys()) - {"seed", "compiler_options"}  # keys that never change a compile
 
 
+def lora_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.lora``: the adapters of ``train.trainable="lora"`` (:mod:`ldm_jax.models.lora`)."""
+    c = ml_collections.ConfigDict(dict(
+        rank=4,
+        alpha=4.0,  # the adapter's output is scaled by alpha / rank
+        dropout=0.0,  # on the adapter's input, in training
+        init="gaussian",  # down ~ N(0, 1/rank^2) (diffusers' scripts) | "kaiming" (PEFT's default); up = 0
+        # regular expressions over the '/'-joined layer paths (Dense and 1x1 conv layers)
+        unet_targets=r"attn[12]/(to_q|to_k|to_v|to_out_0)$",  # the attention projections
+        text_targets="",  # e.g. r"self_attn/(q_proj|k_proj|v_proj|out_proj)$": adapters on CLIP too
+        base_dtype="float32",  # the frozen base UNet's storage: "bfloat16" halves its memory
+    ))
+    c.update(overrides)
+    return c
+
+
 def init_config(**overrides) -> ml_collections.ConfigDict:
     """``config.init``: released weights a run starts from (:mod:`ldm_jax.train.pretrained`)."""
     c = ml_collections.ConfigDict(dict(

@@ -42,7 +42,9 @@ def get_config():
         preview_steps=20,  # DDIM steps of the preview samples
         preview_guidance=5.0,
         empty_prompt_ids=ml_collections.config_dict.placeholder(list),  # None: tokenize "" with config.tokenizer
+        trainable="unet",  # "unet": every UNet weight | "lora": adapters only (config.lora), the rest frozen
     )
+    c.lora = common.lora_config()
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict(dict(min_size=2 ** 14, rules=()))
     c.data = common.data_config()

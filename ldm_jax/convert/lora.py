@@ -244,6 +244,8 @@ def write_lora(path: str, adapters: Mapping[str, Mapping[str, Any]], *, rank: in
         names = []
         for layer, a in lora_lib.adapter_layers(tree).items():
             name = flax_path_to_torch_key(layer + ("kernel",))[: -len(".weight")]
+            if model == "text_encoder" and name.startswith("text_model."):
+                name = name[len("text_model."):]  # transformers 5's CLIPTextModel module names (diffusers writes them)
             down, up = np.asarray(a["down"], np.float32).T, np.asarray(a["up"], np.float32).T
             kernel = flat_base.get(layer + ("kernel",))
             if kernel is not None and len(kernel.shape) == 4:

@@ -14,6 +14,11 @@ diffusion math from :mod:`ldm_jax.diffusion.schedules`:
   AdamW (warm-up, global-norm clip) on the UNet; EMA min(decay, (1+n)/(10+n)); a non-finite
   loss or gradient leaves params/optimizer/EMA untouched and counts the step as skipped.
 
+``config.train.trainable="lora"``: the state's params (and EMA, optimizer state) are LoRA adapters
+only (``{"unet": ..., "text_encoder": ...}``, :mod:`ldm_jax.models.lora`); the UNet the adapters
+adapt is frozen in the aux (``frozen["unet"]``, ``config.lora.base_dtype``); text-encoder adapters
+(``config.lora.text_targets``) re-encode the prompts inside the differentiated loss.
+
 The same random numbers are drawn for the global batch whatever the mesh
 (``jax_threefry_partitionable``), so sharded and single-device runs agree to float rounding.
 Entry point: :func:`train` (or ``ldm-jax train --config sd_v1_train``).
@@ -35,6 +40,7 @@ from ldm_jax.diffusion.samplers import get_sampler_from_config
 from ldm_jax.diffusion.sampling import denoise, guided
 from ldm_jax.diffusion.schedules import NoiseSchedule, add_noise, make_schedule, min_snr_weights, training_target
 from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.clip_text import CLIPTextModel
 from ldm_jax.models.remat import policy_name
 from ldm_jax.models.unet import UNet2DConditionModel
@@ -55,6 +61,8 @@ __all__ = [
     "text_dropout",
     "encode_conditioning",
     "make_optimizer",
+    "uses_lora",
+    "adapted_weights",
     "make_training_inputs",
     "make_train_step",
     "create_train_state",
@@ -166,6 +174,42 @@ def encode_conditioning(text_encoder: nn.Module, text_params: Any, key: Array, i
     return jax.lax.stop_gradient(out.context), dropped
 
 
+_TRAINABLE = ("unet", "lora")
+
+
+def uses_lora(config) -> bool:
+    """Whether the run trains LoRA adapters (``config.train.trainable``) rather than the whole UNet."""
+    trainable = config.train.trainable
+    if trainable not in _TRAINABLE:
+        raise ValueError(f"config.train.trainable must be one of {_TRAINABLE}, got {trainable!r}")
+    if trainable == "lora":
+        rank = config.lora.rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"config.lora.rank must be an integer >= 1, got {rank!r}")
+        if not 0.0 <= float(config.lora.dropout) < 1.0:
+            raise ValueError(f"config.lora.dropout must be in [0, 1), got {config.lora.dropout}")
+        if config.lora.base_dtype not in _DTYPES:
+            raise ValueError(f"config.lora.base_dtype must be one of {sorted(_DTYPES)}, got {config.lora.base_dtype!r}")
+    return trainable == "lora"
+
+
+def _lora_scale(config) -> float:
+    return float(config.lora.alpha) / int(config.lora.rank)
+
+
+def adapted_weights(config, params, frozen) -> tuple[Any, Any]:
+    """``(UNet params, text-encoder params)`` that a state's ``params`` (or ``ema_params``) stand for:
+    the params themselves and the frozen text encoder, or (LoRA) the frozen base weights with the
+    adapters merged at ``alpha / rank``."""
+    if not uses_lora(config):
+        return params, frozen["text"]
+    scale = _lora_scale(config)
+    text = frozen["text"]
+    if params["text_encoder"]:
+        text = lora_lib.merge(text, [(params["text_encoder"], scale)])
+    return lora_lib.merge(frozen["unet"], [(params["unet"], scale)]), text
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW + warm-up (+ cosine decay over ``train.decay_steps`` updates when set) + clipping from
     ``config.train`` and its learning-rate schedule."""
@@ -253,11 +297,25 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
     accum = int(t.grad_accum_steps)
     decay, ema_warmup = float(t.ema_decay), bool(t.ema_warmup)
     stages = get_stages(config)
-    unet = models.unet
+    unet, text_encoder = models.unet, models.text_encoder
     training_inputs = make_training_inputs(config, models)
+    lora = uses_lora(config)
+    text_lora = lora and bool(config.lora.text_targets)
+    scale = _lora_scale(config) if lora else 1.0
+    dropout = float(config.lora.dropout) if lora else 0.0
 
-    def loss_fn(params, x_t, timesteps, context, target, weights):
-        pred = unet.apply({"params": params}, x_t, timesteps, context).astype(jnp.float32)
+    def predict(params, frozen, key, x_t, timesteps, context, ids):
+        if not lora:
+            return unet.apply({"params": params}, x_t, timesteps, context)
+        k_unet, k_text = jax.random.split(key)
+        if text_lora:  # the prompts through the adapted text encoder, inside the gradient
+            with lora_lib.adapted(params["text_encoder"], scale, dropout=dropout, key=k_text):
+                context = text_encoder.apply({"params": frozen["text"]}, ids).context.astype(unet.dtype)
+        with lora_lib.adapted(params["unet"], scale, dropout=dropout, key=k_unet):
+            return unet.apply({"params": frozen["unet"]}, x_t, timesteps, context)
+
+    def loss_fn(params, frozen, key, x_t, timesteps, context, target, weights, ids):
+        pred = predict(params, frozen, key, x_t, timesteps, context, ids).astype(jnp.float32)
         per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
         return jnp.mean(weights * per_example)
 
@@ -265,9 +323,17 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
         key = jax.random.fold_in(state.rng, state.step)
         x_t, timesteps, context, target, weights, dropped = training_inputs(batch, frozen, key)
         b = x_t.shape[0]
-        inputs = (x_t, timesteps, context.astype(unet.dtype), target, weights)
+        ids = jnp.zeros((b, 1), jnp.int32)  # the prompts' ids, when text-encoder adapters re-encode them
+        if text_lora:
+            if "input_ids" not in batch or "context" in batch:
+                raise ValueError("config.lora.text_targets (text-encoder adapters) need the prompts' input_ids, "
+                                 "not cached text context: train without data.cached_latents")
+            ids = jnp.where(dropped[:, None], frozen["empty_ids"][None].astype(batch["input_ids"].dtype),
+                            batch["input_ids"])
+        key = jax.random.fold_in(key, 1)  # the adapters' dropout (training_inputs split the step key in 4)
+        inputs = (x_t, timesteps, context.astype(unet.dtype), target, weights, ids)
         if accum == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, *inputs)
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, key, *inputs)
         else:
             if b % accum:
                 raise ValueError(f"batch {b} is not divisible by grad_accum_steps {accum}")
@@ -275,11 +341,12 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
             micro = jax.tree.map(lambda x: x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1), inputs)
 
             def body(carry, mb):
-                l, g = jax.value_and_grad(loss_fn)(state.params, *mb)
+                (i, *mb) = mb
+                l, g = jax.value_and_grad(loss_fn)(state.params, frozen, jax.random.fold_in(key, i), *mb)
                 return jax.tree.map(jnp.add, carry, (l, g)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+            (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), *micro))
             loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
 
         grad_norm = optax.tree.norm(grads)
@@ -332,6 +399,13 @@ def create_train_state(config, models: DiffusionModels, key: Array, latent_shape
               # encoder and decoder (the decoder renders the previews)
               "vae": None if vae is None else vae.init(k_vae, jnp.zeros(image_shape, jnp.float32))["params"],
               "empty_ids": jnp.asarray(empty_prompt_ids(config))}
+    if uses_lora(config):  # the UNet is the frozen base; the adapters are what trains
+        lc = config.lora
+        k_lora_unet, k_lora_text = jax.random.split(jax.random.fold_in(k_unet, 1))
+        frozen["unet"] = jax.tree.map(lambda p: p.astype(_DTYPES[lc.base_dtype]), params)
+        params = {"unet": lora_lib.init_adapters(k_lora_unet, params, lc.unet_targets, lc.rank, lc.init),
+                  "text_encoder": lora_lib.init_adapters(k_lora_text, frozen["text"], lc.text_targets, lc.rank,
+                                                         lc.init) if lc.text_targets else {}}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                        rng=k_rng, stage=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
@@ -352,11 +426,12 @@ def make_sampler(config, models: DiffusionModels, num_steps: int = 20, guidance_
 
     def sample(ema_params, frozen, key, input_ids, latent_shape):
         n = input_ids.shape[0]
+        unet_params, text_params = adapted_weights(config, ema_params, frozen)
         # one (empty prompt, prompt) context pair per sample: the UNet runs its first layers once per sample
         ids = jnp.stack([jnp.broadcast_to(frozen["empty_ids"], input_ids.shape), input_ids], axis=1)
-        context = text_encoder.apply({"params": frozen["text"]}, ids.reshape(2 * n, -1)).context
+        context = text_encoder.apply({"params": text_params}, ids.reshape(2 * n, -1)).context
         x = jax.random.normal(key, (n,) + tuple(latent_shape), jnp.float32) * sampler.init_noise_sigma
-        apply = lambda x_in, t: unet.apply({"params": ema_params}, x_in, t, context).astype(jnp.float32)  # noqa: E731
+        apply = lambda x_in, t: unet.apply({"params": unet_params}, x_in, t, context).astype(jnp.float32)  # noqa: E731
         x = denoise(sampler, guided(apply, guidance_scale), x)
         if vae is None:
             return jnp.clip(x[..., :3], -1, 1)
@@ -467,6 +542,13 @@ class DiffusionTask(loop.Task):
             self.config = self._pretrained.config
             self.frozen = self._pretrained.frozen
         check_cached_latents(self.config)
+        if uses_lora(self.config):
+            p = self._pretrained
+            if self.config.init.pretrained and p.unet is None:
+                raise ValueError("config.train.trainable='lora' adapts the pretrained UNet: set "
+                                 "config.init.unet='pretrained' (the LoRA recipes do)")
+            if p.unet is not None:  # the base the adapters adapt: frozen, in the aux
+                self.frozen = dict(self.frozen or {}, unet=p.unet)
         self.models = self.models or build_models(self.config)
         self.tx, self.lr_schedule = make_optimizer(self.config)
         self._step = make_train_step(self.config, self.models, self.tx, self.lr_schedule)
@@ -494,11 +576,13 @@ class DiffusionTask(loop.Task):
             return aux
         merged = dict(aux)
         merged.update({k: v for k, v in self.frozen.items() if v is not None})
+        if "unet" in self.frozen:  # the LoRA base, stored in config.lora.base_dtype
+            merged["unet"] = _cast_like(self.frozen["unet"], aux["unet"])
         return jax.device_put(merged, shardings)
 
     def prepare_state(self, state, shardings):
         p = self._pretrained
-        if p is None or p.unet is None:
+        if p is None or p.unet is None or uses_lora(self.config):
             return state
         return state.replace(params=jax.device_put(_cast_like(p.unet, state.params), shardings.params),
                              ema_params=jax.device_put(_cast_like(p.unet_ema, state.ema_params), shardings.ema_params))

@@ -8,13 +8,16 @@ This module is the only one that knows the layout; the loop writes through it an
   workdir/tensorboard/                    TensorBoard scalars and previews
   workdir/frozen/text_encoder.safetensors diffusion: the frozen CLIP text encoder params (Flax layout, '/' keys)
   workdir/frozen/vae.safetensors          diffusion: the frozen VAE params (absent when trained on latents)
+  workdir/frozen/unet.safetensors         LoRA runs: the frozen base UNet the adapters adapt
   workdir/tokenizer/                      diffusion: a copy of ``config.tokenizer`` when that is a local folder
   workdir/lock.json                       the running trainer (host, pid): one writer per workdir
 
 The frozen encoders are written once, when the workdir is created (a resumed run keeps them):
 whatever the trainer was given, in-memory params included, sampling gets the same weights.
 Loading restores only the UNet (``ema_params`` or ``params``) of one checkpoint, as host numpy
-arrays: no training mesh, no optimizer state, any device count.
+arrays: no training mesh, no optimizer state, any device count. A LoRA run's checkpoints hold the
+adapters: loading merges them into the frozen base UNet (and text encoder) at ``alpha / rank``;
+:func:`export_lora` writes them as a diffusers/PEFT LoRA file.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from ldm_jax.train.checkpoint import CheckpointManager, describe_error, quiet_or
 
 __all__ = ["CONFIG_FILE", "FROZEN_DIR", "LOCK_FILE", "WorkdirLocked", "WorkdirLock", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "TENSORBOARD_DIR", "is_training_workdir",
            "write_config", "write_frozen", "tensorboard_dir", "open_checkpoints", "checkpoint_steps", "restore_unet_params",
-           "load_workdir"]
+           "load_workdir", "export_lora"]
 
 CONFIG_FILE = "config.json"
 FROZEN_DIR = "frozen"
@@ -46,7 +49,7 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = "lock.json"
 TENSORBOARD_DIR = "tensorboard"
-_FROZEN_FILES = {"text": "text_encoder.safetensors", "vae": "vae.safetensors"}
+_FROZEN_FILES = {"text": "text_encoder.safetensors", "vae": "vae.safetensors", "unet": "unet.safetensors"}
 _FORMAT = {"format": "flax", "writer": "ldm_jax.train.workdir"}
 
 
@@ -106,6 +109,8 @@ def write_frozen(workdir: str, config, frozen: Mapping[str, Any]) -> None:
 
         missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
     host = {k: _host_tree(frozen[k]) for k in wanted} if missing else {}
+    # a bf16 LoRA base is stored as float32 (safetensors' numpy writer has no bfloat16)
+    host = {k: jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == jnp.bfloat16 else x, v) for k, v in host.items()}
     if jax.process_index() != 0:
         return
     for key, params in host.items():
@@ -350,9 +355,12 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     configs, shapes = build_configs_and_shapes(
         {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, storage.join(workdir, CONFIG_FILE))
     unet, step = restore_unet_params(workdir, step, ema=ema)
+    text = _read_frozen(workdir, "text", shapes["text_encoder"])
+    if _is_lora(cfg):
+        unet, text = _merge_adapters(cfg, unet, _read_frozen(workdir, "unet", shapes["unet"]), text,
+                                     f"LoRA adapters of checkpoint {step} in {workdir!r}")
     _check_tree(unet, shapes["unet"], f"UNet {'EMA ' if ema else ''}params of checkpoint {step} in {workdir!r}")
-    params = {"unet": unet, "vae": _read_frozen(workdir, "vae", shapes["vae"]),
-              "text_encoder": _read_frozen(workdir, "text", shapes["text_encoder"])}
+    params = {"unet": unet, "vae": _read_frozen(workdir, "vae", shapes["vae"]), "text_encoder": text}
     if dtype is not None:
         dt = jnp.dtype(dtype)
         params = jax.tree.map(lambda x: x.astype(dt) if np.issubdtype(x.dtype, np.floating) else x, params)
@@ -372,3 +380,41 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     config.checkpoint = dict(workdir=workdir if storage.is_remote(workdir) else os.path.abspath(workdir), step=step,
                              ema=bool(ema))
     return LoadedModel(config, params, tokenizer_path, workdir)
+
+
+def _is_lora(cfg) -> bool:
+    return "train" in cfg and cfg.train.get("trainable") == "lora"
+
+
+def _merge_adapters(cfg, adapters: Mapping, base_unet: Mapping, text: Mapping, what: str) -> tuple[dict, dict]:
+    """The base UNet and text encoder with a LoRA run's adapters merged at ``alpha / rank`` (numpy)."""
+    from ldm_jax.models import lora as lora_lib
+
+    if set(adapters) != {"unet", "text_encoder"}:
+        raise WeightsError(f"{what}: expected LoRA adapters {{unet, text_encoder}}, got {sorted(adapters)}")
+    scale = float(cfg.lora.alpha) / int(cfg.lora.rank)
+    try:
+        unet = lora_lib.merge(base_unet, [(adapters["unet"], scale)])
+        if adapters["text_encoder"]:
+            text = lora_lib.merge(text, [(adapters["text_encoder"], scale)])
+    except ValueError as e:
+        raise WeightsError(f"{what}: {e}") from None
+    return jax.tree.map(np.asarray, unet), jax.tree.map(np.asarray, text)
+
+
+def export_lora(workdir: str | os.PathLike, out: str, *, step: int | None = None, ema: bool = True) -> str:
+    """A LoRA run's adapters of checkpoint ``step`` (default the latest; EMA unless ``ema=False``) as a
+    diffusers/PEFT LoRA file (:func:`ldm_jax.convert.lora.write_lora`) at ``out`` (a ``.safetensors``
+    file or a folder); returns the file. ValueError when the workdir did not train LoRA adapters."""
+    from ldm_jax.convert.lora import write_lora
+
+    workdir = os.fspath(workdir)
+    cfg = _read_config(workdir)
+    if not _is_lora(cfg):
+        raise ValueError(f"training workdir {workdir!r} did not train LoRA adapters (its config.train.trainable "
+                         f"is {cfg.get('train', {}).get('trainable', 'unet')!r})")
+    adapters, step = restore_unet_params(workdir, step, ema=ema)
+    configs, shapes = build_configs_and_shapes(
+        {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, storage.join(workdir, CONFIG_FILE))
+    return write_lora(out, adapters, rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
+                      dropout=float(cfg.lora.dropout), base={"unet": shapes["unet"], "text_encoder": shapes["text_encoder"]})
