@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.convert.checkpoint_io import load_state_dict
-from ldm_jax.convert.torch_flax import WeightsError, flax_path_to_torch_key, torch_key_to_flax_path
+from ldm_jax.convert.torch_flax import WeightsError, flax_path_to_torch_key
 from ldm_jax.models import lora as lora_lib
 
 __all__ = ["LORA_WEIGHT_NAME", "METADATA_KEY", "read_lora", "write_lora", "resolve_lora_file"]
