@@ -72,10 +72,10 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_convert(args) -> None:
-    if args.lora:  # a LoRA run's adapters as a diffusers/PEFT LoRA file
-        from ldm_jax.train.workdir import export_lora
+    if args.adapter:  # what a LoRA / textual-inversion run trained, as diffusers' files
+        from ldm_jax.train.workdir import export_adapter
 
-        out = export_lora(args.src, args.out, step=args.step, ema=True if args.ema is None else args.ema)
+        out = export_adapter(args.src, args.out, step=args.step, ema=True if args.ema is None else args.ema)
     else:
         from ldm_jax.convert import convert_to_diffusers
 
@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--allow-pickle", action="store_true")
-    c.add_argument("--lora", action="store_true", help="a LoRA training workdir -> its adapters as a "
-                   "diffusers/PEFT pytorch_lora_weights.safetensors (OUT: a file or a folder)")
+    c.add_argument("--adapter", action="store_true", help="a LoRA / textual-inversion training workdir -> its "
+                   "pytorch_lora_weights.safetensors / learned_embeds.safetensors (OUT: a file or a folder)")
     _add_checkpoint_args(c)
 
     x = sub.add_parser("encode-dataset", help="cache VAE posterior moments + text-encoder context as ArrayRecord "

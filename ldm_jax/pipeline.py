@@ -277,6 +277,30 @@ class StableDiffusionPipeline:
         self._refresh()
         return name
 
+    def load_textual_inversion(self, path: str, token: str | None = None, *, weight_name: str | None = None,
+                               allow_pickle: bool = False) -> str:
+        """Load a textual-inversion embedding (diffusers' ``learned_embeds.safetensors``, or an A1111
+        ``.safetensors``; a file or a folder): its placeholder joins the tokenizer and its vectors the
+        text encoder's token table. ``token`` renames the placeholder. Returns the placeholder."""
+        from ldm_jax.convert.textual_inversion import read_learned_embeds
+        from ldm_jax.models.textual_inversion import embedding_table, extend_embeddings
+
+        name, vectors = read_learned_embeds(path, token=token, weight_name=weight_name, allow_pickle=allow_pickle)
+        table = embedding_table(self._base_params["text_encoder"])
+        if vectors.shape[1] != table.shape[1]:
+            raise ValueError(f"textual-inversion {path!r}: vectors of width {vectors.shape[1]}; this text encoder's "
+                             f"embeddings have {table.shape[1]} (an embedding for another model?)")
+        if len(self.tokenizer.tokenizer) != table.shape[0]:
+            raise ValueError(f"the tokenizer ({len(self.tokenizer.tokenizer)} tokens) and the text encoder's table "
+                             f"({table.shape[0]} rows) differ: new tokens would not get their rows")
+        self.tokenizer.add_placeholder(name, vectors.shape[0])
+        grow = lambda p: dict(p, text_encoder=extend_embeddings(p["text_encoder"], vectors))  # noqa: E731
+        self._base_params = grow(self._base_params)
+        self._unfused = [(grow(p), s) for p, s in self._unfused]
+        self.text_encoder = self.text_encoder.clone(vocab_size=table.shape[0] + vectors.shape[0])
+        self._refresh()
+        return name
+
     @staticmethod
     def _check_scale(name, scale):
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \

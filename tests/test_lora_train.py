@@ -70,7 +70,7 @@ def test_the_workdir_samples_with_the_adapters_merged_and_exports_a_diffusers_lo
     want_text = L.merge(base.params["text_encoder"], [(ema["text_encoder"], scale)])
     for a, b in zip(jax.tree.leaves(want_text), jax.tree.leaves(merged.params["text_encoder"])):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    main(["convert", work, str(tmp_path / "export"), "--lora"])
+    main(["convert", work, str(tmp_path / "export"), "--adapter"])
     pipe = TorchPipeline.from_pretrained(folder, safety_checker=None)
     pipe.load_lora_weights(str(tmp_path / "export"))
     pipe.unet.eval()  # peft adds the adapters' Dropout (lora_dropout 0.1 from the metadata) in training mode
@@ -81,10 +81,10 @@ def test_the_workdir_samples_with_the_adapters_merged_and_exports_a_diffusers_lo
                          torch.from_numpy(ctx)).sample.permute(0, 2, 3, 1).numpy()
     unet = unet_from_config(dict(base.config.unet))
     np.testing.assert_allclose(np.asarray(unet.apply({"params": merged.params["unet"]}, x, t, ctx)), want, atol=1e-4)
-    with pytest.raises(ValueError, match="did not train LoRA adapters"):
-        from ldm_jax.train.workdir import export_lora
+    with pytest.raises(ValueError, match="trained the whole UNet"):
+        from ldm_jax.train.workdir import export_adapter
 
-        export_lora(folder_workdir_full(tmp_path), str(tmp_path / "x"))
+        export_adapter(folder_workdir_full(tmp_path), str(tmp_path / "x"))
 
 
 def folder_workdir_full(tmp_path):

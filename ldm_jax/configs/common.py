@@ -58,6 +58,34 @@ def lora_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def textual_inversion_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.textual_inversion``: the placeholder of ``train.trainable="textual_inversion"``."""
+    c = ml_collections.ConfigDict(dict(
+        placeholder_token="<concept>",  # the new word; the training captions must contain it
+        initializer_token="object",  # its vectors start as this word's embeddings
+        num_vectors=1,  # vectors for the placeholder (tokens <concept>, <concept>_1, ...)
+    ))
+    c.update(overrides)
+    return c
+
+
+def dreambooth_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.dreambooth``: the prompts and prior preservation of ``data.source="dreambooth"``
+    (:mod:`ldm_jax.train.dreambooth`; instance images from ``data.path``)."""
+    c = ml_collections.ConfigDict(dict(
+        instance_prompt="",  # e.g. "a photo of sks dog": every instance image's caption
+        class_prompt="",  # e.g. "a photo of dog": the prior-preservation images' caption
+        num_class_images=100,  # 0: no prior preservation
+        prior_loss_weight=1.0,
+        class_data_dir="",  # class images to use (and to fill up); "": <workdir>/class_images
+        sample_steps=50,  # DDIM steps and guidance of the generated class images
+        guidance=7.5,
+        sample_batch=4,
+    ))
+    c.update(overrides)
+    return c
+
+
 def init_config(**overrides) -> ml_collections.ConfigDict:
     """``config.init``: released weights a run starts from (:mod:`ldm_jax.train.pretrained`)."""
     c = ml_collections.ConfigDict(dict(

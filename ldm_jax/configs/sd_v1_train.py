@@ -42,9 +42,13 @@ def get_config():
         preview_steps=20,  # DDIM steps of the preview samples
         preview_guidance=5.0,
         empty_prompt_ids=ml_collections.config_dict.placeholder(list),  # None: tokenize "" with config.tokenizer
-        trainable="unet",  # "unet": every UNet weight | "lora": adapters only (config.lora), the rest frozen
+        # "unet": every UNet weight | "lora": adapters only (config.lora) | "textual_inversion": the
+        # placeholder's embeddings only (config.textual_inversion); the rest frozen
+        trainable="unet",
     )
     c.lora = common.lora_config()
+    c.textual_inversion = common.textual_inversion_config()
+    c.dreambooth = common.dreambooth_config()
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding = ml_collections.ConfigDict(dict(min_size=2 ** 14, rules=()))
     c.data = common.data_config()

@@ -1,6 +1,7 @@
 """Prompt tokenization for the CLIP text encoder (wraps transformers' ``CLIPTokenizer``)."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Sequence
@@ -31,6 +32,28 @@ class PromptTokenizer:
             raise ValueError(f"PromptTokenizer: max_length must be >= 2 (BOS and EOS), got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.placeholders: dict[str, list[str]] = {}  # textual inversion: word -> its tokens
+
+    def add_placeholder(self, token: str, num_vectors: int = 1) -> list[int]:
+        """Add a textual-inversion placeholder (``num_vectors`` tokens ``token``, ``token_1``, ...) after the
+        vocabulary; prompts containing ``token`` then use all of them. Returns their ids. ValueError
+        when ``token`` (or one of its tokens) is already in the vocabulary."""
+        from ldm_jax.models.textual_inversion import placeholder_tokens
+
+        tokens = placeholder_tokens(token, num_vectors)
+        vocab = self.tokenizer.get_vocab()
+        taken = [t for t in tokens if t in vocab or t + "</w>" in vocab]
+        if taken:
+            raise ValueError(f"placeholder token(s) {taken} are already in the tokenizer's vocabulary: pick another word")
+        self.tokenizer.add_tokens(tokens)
+        self.placeholders[token] = tokens
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(tokens)]
+
+    def save_pretrained(self, path: str) -> None:
+        """The tokenizer folder, placeholders included (they are added tokens of the folder)."""
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, "ldm_jax_placeholders.json"), "w") as f:
+            json.dump(self.placeholders, f)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
@@ -40,7 +63,12 @@ class PromptTokenizer:
 
         if subfolder is not None:
             kwargs["subfolder"] = subfolder
-        return cls(CLIPTokenizer.from_pretrained(os.fspath(path_or_id), **kwargs), max_length=max_length)
+        tok = cls(CLIPTokenizer.from_pretrained(os.fspath(path_or_id), **kwargs), max_length=max_length)
+        saved = os.path.join(os.fspath(path_or_id), subfolder or "", "ldm_jax_placeholders.json")
+        if os.path.isfile(saved):  # the multi-vector placeholders of a textual-inversion run
+            with open(saved) as f:
+                tok.placeholders = {k: list(v) for k, v in json.load(f).items()}
+        return tok
 
     @property
     def bos_token_id(self) -> int:
@@ -68,6 +96,10 @@ class PromptTokenizer:
                              f"{[type(p).__name__ for p in prompts]}")
         if not prompts:
             return np.zeros((0, self.max_length), np.int32)
+        if self.placeholders:
+            from ldm_jax.models.textual_inversion import expand_prompt
+
+            prompts = [expand_prompt(p, self.placeholders) for p in prompts]
         full = self.tokenizer(prompts, padding=False, truncation=False).input_ids
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                              truncation=True).input_ids

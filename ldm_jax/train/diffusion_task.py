@@ -25,6 +25,7 @@ Entry point: :func:`train` (or ``ldm-jax train --config sd_v1_train``).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import flax
@@ -58,10 +59,13 @@ __all__ = [
     "prediction_type",
     "noise_schedule",
     "empty_prompt_ids",
+    "prompt_tokenizer",
     "text_dropout",
     "encode_conditioning",
     "make_optimizer",
+    "trainable",
     "uses_lora",
+    "placeholder_ids",
     "adapted_weights",
     "make_training_inputs",
     "make_train_step",
@@ -144,14 +148,25 @@ def empty_prompt_ids(config) -> np.ndarray:
         return np.asarray(explicit, np.int32)
     length = _text_length(config)
     if config.tokenizer:
-        from ldm_jax.models.tokenizer import PromptTokenizer
-
-        tok = PromptTokenizer.from_pretrained(config.tokenizer)
-        return np.asarray(tok([""]), np.int32).reshape(-1)[:length]
+        return np.asarray(prompt_tokenizer(config)([""]), np.int32).reshape(-1)[:length]
     vocab = config.text_encoder.vocab_size
     ids = np.full((length,), vocab - 1, np.int32)
     ids[0] = vocab - 2
     return ids
+
+
+def prompt_tokenizer(config):
+    """``config.tokenizer`` as a :class:`~ldm_jax.models.tokenizer.PromptTokenizer`, with a textual-inversion
+    run's placeholder added (None without a tokenizer)."""
+    if not config.tokenizer:
+        return None
+    from ldm_jax.models.tokenizer import PromptTokenizer
+
+    tok = PromptTokenizer.from_pretrained(config.tokenizer)
+    if config.train.trainable == "textual_inversion" and config.textual_inversion.placeholder_token not in tok.placeholders:
+        ti = config.textual_inversion
+        tok.add_placeholder(ti.placeholder_token, int(ti.num_vectors))
+    return tok
 
 
 def text_dropout(key: Array, input_ids: Array, empty_ids: Array, rate: float) -> tuple[Array, Array]:
@@ -174,15 +189,17 @@ def encode_conditioning(text_encoder: nn.Module, text_params: Any, key: Array, i
     return jax.lax.stop_gradient(out.context), dropped
 
 
-_TRAINABLE = ("unet", "lora")
+_TRAINABLE = ("unet", "lora", "textual_inversion")
 
 
-def uses_lora(config) -> bool:
-    """Whether the run trains LoRA adapters (``config.train.trainable``) rather than the whole UNet."""
-    trainable = config.train.trainable
-    if trainable not in _TRAINABLE:
-        raise ValueError(f"config.train.trainable must be one of {_TRAINABLE}, got {trainable!r}")
-    if trainable == "lora":
+def trainable(config) -> str:
+    """What the run trains (``config.train.trainable``), its settings checked: ``"unet"`` (every UNet
+    weight), ``"lora"`` (adapters, ``config.lora``) or ``"textual_inversion"`` (placeholder token
+    embeddings, ``config.textual_inversion``); in the last two the UNet is frozen."""
+    what = config.train.trainable
+    if what not in _TRAINABLE:
+        raise ValueError(f"config.train.trainable must be one of {_TRAINABLE}, got {what!r}")
+    if what == "lora":
         rank = config.lora.rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"config.lora.rank must be an integer >= 1, got {rank!r}")
@@ -190,19 +207,43 @@ def uses_lora(config) -> bool:
             raise ValueError(f"config.lora.dropout must be in [0, 1), got {config.lora.dropout}")
         if config.lora.base_dtype not in _DTYPES:
             raise ValueError(f"config.lora.base_dtype must be one of {sorted(_DTYPES)}, got {config.lora.base_dtype!r}")
-    return trainable == "lora"
+    if what == "textual_inversion":
+        from ldm_jax.models.textual_inversion import placeholder_tokens
+
+        ti = config.textual_inversion
+        placeholder_tokens(ti.placeholder_token, ti.num_vectors)  # a bad token or count: one line
+        if not config.tokenizer:
+            raise ValueError("textual inversion adds its placeholder to the tokenizer: config.tokenizer (or "
+                             "config.init.pretrained's) must name one")
+    return what
+
+
+def uses_lora(config) -> bool:
+    return trainable(config) == "lora"
 
 
 def _lora_scale(config) -> float:
     return float(config.lora.alpha) / int(config.lora.rank)
 
 
+def placeholder_ids(config) -> np.ndarray:
+    """The token ids of a textual-inversion run's placeholder: the last ``num_vectors`` rows of its
+    (grown) text-encoder vocabulary."""
+    n, vocab = int(config.textual_inversion.num_vectors), int(config.text_encoder.vocab_size)
+    return np.arange(vocab - n, vocab, dtype=np.int32)
+
+
 def adapted_weights(config, params, frozen) -> tuple[Any, Any]:
     """``(UNet params, text-encoder params)`` that a state's ``params`` (or ``ema_params``) stand for:
-    the params themselves and the frozen text encoder, or (LoRA) the frozen base weights with the
-    adapters merged at ``alpha / rank``."""
-    if not uses_lora(config):
+    the params themselves and the frozen text encoder; (LoRA) the frozen base weights with the adapters
+    merged at ``alpha / rank``; (textual inversion) the frozen UNet and the learned placeholder rows."""
+    what = trainable(config)
+    if what == "unet":
         return params, frozen["text"]
+    if what == "textual_inversion":
+        from ldm_jax.models.textual_inversion import with_rows
+
+        return frozen["unet"], with_rows(frozen["text"], placeholder_ids(config), params["token_embeds"])
     scale = _lora_scale(config)
     text = frozen["text"]
     if params["text_encoder"]:
@@ -299,16 +340,25 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
     stages = get_stages(config)
     unet, text_encoder = models.unet, models.text_encoder
     training_inputs = make_training_inputs(config, models)
-    lora = uses_lora(config)
-    text_lora = lora and bool(config.lora.text_targets)
+    what = trainable(config)
+    lora = what == "lora"
+    # the prompts go through the text encoder inside the gradient: its adapters or new embeddings train
+    encode_in_loss = (lora and bool(config.lora.text_targets)) or what == "textual_inversion"
     scale = _lora_scale(config) if lora else 1.0
     dropout = float(config.lora.dropout) if lora else 0.0
+    new_ids = placeholder_ids(config) if what == "textual_inversion" else None
 
     def predict(params, frozen, key, x_t, timesteps, context, ids):
-        if not lora:
+        if what == "unet":
             return unet.apply({"params": params}, x_t, timesteps, context)
+        if what == "textual_inversion":
+            from ldm_jax.models.textual_inversion import with_rows
+
+            text = with_rows(frozen["text"], new_ids, params["token_embeds"])
+            context = text_encoder.apply({"params": text}, ids).context.astype(unet.dtype)
+            return unet.apply({"params": frozen["unet"]}, x_t, timesteps, context)
         k_unet, k_text = jax.random.split(key)
-        if text_lora:  # the prompts through the adapted text encoder, inside the gradient
+        if encode_in_loss:
             with lora_lib.adapted(params["text_encoder"], scale, dropout=dropout, key=k_text):
                 context = text_encoder.apply({"params": frozen["text"]}, ids).context.astype(unet.dtype)
         with lora_lib.adapted(params["unet"], scale, dropout=dropout, key=k_unet):
@@ -322,12 +372,14 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
     def train_step(state: TrainState, batch: Mapping[str, Array], frozen: Mapping[str, Any]):
         key = jax.random.fold_in(state.rng, state.step)
         x_t, timesteps, context, target, weights, dropped = training_inputs(batch, frozen, key)
+        if "loss_weight" in batch:  # per-row weights of the source (DreamBooth's prior preservation)
+            weights = weights * batch["loss_weight"].astype(jnp.float32)
         b = x_t.shape[0]
         ids = jnp.zeros((b, 1), jnp.int32)  # the prompts' ids, when text-encoder adapters re-encode them
-        if text_lora:
+        if encode_in_loss:
             if "input_ids" not in batch or "context" in batch:
-                raise ValueError("config.lora.text_targets (text-encoder adapters) need the prompts' input_ids, "
-                                 "not cached text context: train without data.cached_latents")
+                raise ValueError(f"training the text side ({what}) needs the prompts' input_ids, not cached text "
+                                 f"context: train without data.cached_latents")
             ids = jnp.where(dropped[:, None], frozen["empty_ids"][None].astype(batch["input_ids"].dtype),
                             batch["input_ids"])
         key = jax.random.fold_in(key, 1)  # the adapters' dropout (training_inputs split the step key in 4)
@@ -399,7 +451,12 @@ def create_train_state(config, models: DiffusionModels, key: Array, latent_shape
               # encoder and decoder (the decoder renders the previews)
               "vae": None if vae is None else vae.init(k_vae, jnp.zeros(image_shape, jnp.float32))["params"],
               "empty_ids": jnp.asarray(empty_prompt_ids(config))}
-    if uses_lora(config):  # the UNet is the frozen base; the adapters are what trains
+    what = trainable(config)
+    if what == "textual_inversion":  # UNet and text encoder frozen; the placeholder rows train
+        frozen["unet"] = params
+        rows = jnp.zeros((int(config.textual_inversion.num_vectors), ctx_dim), jnp.float32)
+        params = {"token_embeds": rows}  # the initializer word's embeddings: DiffusionTask.prepare_state
+    if what == "lora":  # the UNet is the frozen base; the adapters are what trains
         lc = config.lora
         k_lora_unet, k_lora_text = jax.random.split(jax.random.fold_in(k_unet, 1))
         frozen["unet"] = jax.tree.map(lambda p: p.astype(_DTYPES[lc.base_dtype]), params)
@@ -413,7 +470,8 @@ def create_train_state(config, models: DiffusionModels, key: Array, latent_shape
 
 
 def make_sampler(config, models: DiffusionModels, num_steps: int = 20, guidance_scale: float = 5.0) -> Callable:
-    """``sample(ema_params, frozen, key, input_ids [N,77], latent_shape) -> images [N,H,W,3]`` in [-1, 1].
+    """``sample(ema_params, frozen, key, input_ids [N,77], latent_shape) -> images [N,H,W,3]`` in [-1, 1]
+    (``key``: one key, or one per sample ``[N, 2]``).
 
     The pipeline's denoising loop (:func:`ldm_jax.diffusion.denoise`, :func:`~ldm_jax.diffusion.guided`)
     with deterministic DDIM and the empty prompt as the negative, for the training previews; decodes
@@ -430,7 +488,11 @@ def make_sampler(config, models: DiffusionModels, num_steps: int = 20, guidance_
         # one (empty prompt, prompt) context pair per sample: the UNet runs its first layers once per sample
         ids = jnp.stack([jnp.broadcast_to(frozen["empty_ids"], input_ids.shape), input_ids], axis=1)
         context = text_encoder.apply({"params": text_params}, ids.reshape(2 * n, -1)).context
-        x = jax.random.normal(key, (n,) + tuple(latent_shape), jnp.float32) * sampler.init_noise_sigma
+        if key.ndim > 1:  # a key per sample: each image depends on its own key only
+            x = jax.vmap(lambda k: jax.random.normal(k, tuple(latent_shape), jnp.float32))(key)
+        else:
+            x = jax.random.normal(key, (n,) + tuple(latent_shape), jnp.float32)
+        x = x * sampler.init_noise_sigma
         apply = lambda x_in, t: unet.apply({"params": unet_params}, x_in, t, context).astype(jnp.float32)  # noqa: E731
         x = denoise(sampler, guided(apply, guidance_scale), x)
         if vae is None:
@@ -473,17 +535,34 @@ def make_batch_source(config, stage: Stage, rows: tuple[int, int], workdir: str 
     """This process's rows ``[start, stop)`` of each global batch of ``stage``
     (:func:`ldm_jax.data.batches.make_batches` of ``config.data`` with the stage's cached latents;
     captions tokenized with ``config.tokenizer``)."""
+    if config.data.source == "dreambooth":
+        return _dreambooth_batches(config, stage, rows, workdir)
     data = config.data.copy_and_resolve_references()
     data.cached_latents = stage_cached_latents(config, stage)
     tokenizer = None
     if config.tokenizer and not (data.cached_latents or data.source in ("synthetic", "synthetic_latents")):
-        from ldm_jax.models.tokenizer import PromptTokenizer
-
-        tokenizer = PromptTokenizer.from_pretrained(config.tokenizer)
+        tokenizer = prompt_tokenizer(config)
     return make_batches(data, global_batch_size=stage.batch_size, image_size=stage.resolution, rows=rows,
                         tokenizer=tokenizer, text_length=_text_length(config),
                         vocab_size=config.text_encoder.vocab_size, latent_channels=config.unet.in_channels,
                         workdir=workdir)
+
+
+def _dreambooth_batches(config, stage: Stage, rows, workdir):
+    from ldm_jax.train import dreambooth
+
+    db, tok = config.dreambooth, prompt_tokenizer(config)
+    paths = dreambooth.check_config(config)
+    instance = dreambooth.load_images(paths, stage.resolution, "instance")
+    classes, class_ids = None, None
+    if int(db.num_class_images) > 0:
+        found = dreambooth.list_images(dreambooth.class_images_dir(config, workdir))[: int(db.num_class_images)]
+        if len(found) < int(db.num_class_images):
+            raise ValueError(f"{len(found)} class images in {dreambooth.class_images_dir(config, workdir)!r}, "
+                             f"config.dreambooth.num_class_images={db.num_class_images}")
+        classes, class_ids = dreambooth.load_images(found, stage.resolution, "class"), tok([db.class_prompt])[0]
+    return dreambooth.DreamBoothBatches(instance, tok([db.instance_prompt])[0], classes, class_ids, stage.batch_size,
+                                        rows, seed=int(config.data.seed), prior_loss_weight=float(db.prior_loss_weight))
 
 
 def _cast_like(params, like):
@@ -542,16 +621,37 @@ class DiffusionTask(loop.Task):
             self.config = self._pretrained.config
             self.frozen = self._pretrained.frozen
         check_cached_latents(self.config)
-        if uses_lora(self.config):
+        what = trainable(self.config)
+        if what != "unet":
             p = self._pretrained
             if self.config.init.pretrained and p.unet is None:
-                raise ValueError("config.train.trainable='lora' adapts the pretrained UNet: set "
-                                 "config.init.unet='pretrained' (the LoRA recipes do)")
+                raise ValueError(f"config.train.trainable={what!r} adapts the pretrained UNet: set "
+                                 f"config.init.unet='pretrained' (the {what} recipes do)")
             if p.unet is not None:  # the base the adapters adapt: frozen, in the aux
                 self.frozen = dict(self.frozen or {}, unet=p.unet)
+        if what == "textual_inversion":
+            self._start_textual_inversion()
+        if self.config.data.source == "dreambooth":
+            from ldm_jax.train.dreambooth import check_config
+
+            check_config(self.config)  # before anything compiles or is written
         self.models = self.models or build_models(self.config)
         self.tx, self.lr_schedule = make_optimizer(self.config)
         self._step = make_train_step(self.config, self.models, self.tx, self.lr_schedule)
+
+    def _start_textual_inversion(self):
+        """The placeholder's tokens follow the text encoder's vocabulary: it grows by ``num_vectors`` rows."""
+        ti, c = self.config.textual_inversion, self.config
+        vocab = int(c.text_encoder.vocab_size)
+        tok = prompt_tokenizer(c)
+        ids = list(tok.tokenizer.convert_tokens_to_ids(tok.placeholders[ti.placeholder_token]))
+        if ids != list(range(vocab, vocab + int(ti.num_vectors))):
+            raise ValueError(f"the tokenizer ({len(tok.tokenizer) - len(ids)} tokens) does not end where the text "
+                             f"encoder's vocabulary ({vocab}) does: the placeholder's ids {ids} would not be its new rows")
+        self._init_ids = tok.tokenizer(str(ti.initializer_token), add_special_tokens=False).input_ids
+        if not self._init_ids:
+            raise ValueError(f"config.textual_inversion.initializer_token {ti.initializer_token!r} has no tokens")
+        c.text_encoder.vocab_size = vocab + int(ti.num_vectors)
 
     def stages(self) -> list[Stage]:
         return get_stages(self.config)
@@ -578,11 +678,27 @@ class DiffusionTask(loop.Task):
         merged.update({k: v for k, v in self.frozen.items() if v is not None})
         if "unet" in self.frozen:  # the LoRA base, stored in config.lora.base_dtype
             merged["unet"] = _cast_like(self.frozen["unet"], aux["unet"])
+        if trainable(self.config) == "textual_inversion" and self.frozen.get("text") is not None:
+            merged["text"] = self._grown_text()
         return jax.device_put(merged, shardings)
+
+    def _grown_text(self):
+        """The pretrained text encoder with the placeholder's rows (the initializer's embeddings) appended."""
+        from ldm_jax.models.textual_inversion import extend_embeddings, init_rows
+
+        text = self.frozen["text"]
+        return extend_embeddings(text, init_rows(text, self._init_ids, int(self.config.textual_inversion.num_vectors)))
 
     def prepare_state(self, state, shardings):
         p = self._pretrained
-        if p is None or p.unet is None or uses_lora(self.config):
+        what = trainable(self.config)
+        if what == "textual_inversion" and self.frozen and self.frozen.get("text") is not None:
+            from ldm_jax.models.textual_inversion import init_rows
+
+            rows = init_rows(self.frozen["text"], self._init_ids, int(self.config.textual_inversion.num_vectors))
+            params = {"token_embeds": jax.device_put(rows, shardings.params["token_embeds"])}
+            return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        if p is None or p.unet is None or what != "unet":
             return state
         return state.replace(params=jax.device_put(_cast_like(p.unet, state.params), shardings.params),
                              ema_params=jax.device_put(_cast_like(p.unet_ema, state.ema_params), shardings.ema_params))
@@ -606,6 +722,8 @@ class DiffusionTask(loop.Task):
             spec["latents"] = ((b, r, r, c.unet.in_channels), jnp.float32)
         else:
             raise ValueError(f"inputs must be 'images', 'cached' or 'latents', got {inputs!r}")
+        if c.data.source == "dreambooth":
+            spec["loss_weight"] = ((b,), jnp.float32)
         return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
     def batches(self, stage, rows, workdir):
@@ -615,7 +733,38 @@ class DiffusionTask(loop.Task):
 
     def write_workdir(self, workdir, aux):
         # frozen encoders and tokenizer: the workdir becomes a model source (load_model(workdir))
+        if trainable(self.config) == "textual_inversion":  # the tokenizer with the placeholder
+            workdir_lib.write_tokenizer(workdir, prompt_tokenizer(self.config))
         workdir_lib.write_frozen(workdir, self.config, aux)
+        if self.config.data.source == "dreambooth" and int(self.config.dreambooth.num_class_images) > 0:
+            self._generate_class_images(workdir, aux)
+
+    def _generate_class_images(self, workdir, aux):
+        """The prior-preservation images, from the model before any step (cached in the class folder)."""
+        from ldm_jax.train import dreambooth
+        from ldm_jax.train.sharding import replicated
+
+        c, db = self.config, self.config.dreambooth
+        folder = dreambooth.class_images_dir(c, workdir)
+        if len(dreambooth.list_images(folder)) >= int(db.num_class_images):
+            return
+        mesh = jax.tree.leaves(aux)[0].sharding.mesh
+        base = c.copy_and_resolve_references()
+        base.train.trainable = "unet"  # sample the UNet given, not adapters
+        unet = aux["unet"] if "unet" in aux else jax.device_put(self._pretrained.unet, replicated(mesh))
+        run = jax.jit(make_sampler(base, self.models, int(db.sample_steps), float(db.guidance)), static_argnums=4,
+                      out_shardings=replicated(mesh))
+        res = self.stages()[0].resolution
+        side = res // _latent_factor(c)
+        root = jax.random.PRNGKey(int(c.train.seed) + 1)
+
+        def sample(indices, ids):
+            keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices))
+            return run(unet, aux, keys, jnp.asarray(ids), (side, side, c.unet.in_channels))
+
+        made = dreambooth.generate_class_images(folder, int(db.num_class_images), prompt_tokenizer(c)([db.class_prompt])[0],
+                                                sample, int(db.sample_batch))
+        logging.info("dreambooth: generated %d class images of %r into %s", made, db.class_prompt, folder)
 
     def preview(self, state, aux, batch):
         t, c = self.config.train, self.config

@@ -8,7 +8,7 @@ This module is the only one that knows the layout; the loop writes through it an
   workdir/tensorboard/                    TensorBoard scalars and previews
   workdir/frozen/text_encoder.safetensors diffusion: the frozen CLIP text encoder params (Flax layout, '/' keys)
   workdir/frozen/vae.safetensors          diffusion: the frozen VAE params (absent when trained on latents)
-  workdir/frozen/unet.safetensors         LoRA runs: the frozen base UNet the adapters adapt
+  workdir/frozen/unet.safetensors         LoRA / textual inversion: the frozen UNet
   workdir/tokenizer/                      diffusion: a copy of ``config.tokenizer`` when that is a local folder
   workdir/lock.json                       the running trainer (host, pid): one writer per workdir
 
@@ -16,8 +16,10 @@ The frozen encoders are written once, when the workdir is created (a resumed run
 whatever the trainer was given, in-memory params included, sampling gets the same weights.
 Loading restores only the UNet (``ema_params`` or ``params``) of one checkpoint, as host numpy
 arrays: no training mesh, no optimizer state, any device count. A LoRA run's checkpoints hold the
-adapters: loading merges them into the frozen base UNet (and text encoder) at ``alpha / rank``;
-:func:`export_lora` writes them as a diffusers/PEFT LoRA file.
+adapters: loading merges them into the frozen base UNet (and text encoder) at ``alpha / rank``; a
+textual-inversion run's hold the placeholder's embeddings, set into the frozen text encoder (its
+tokenizer, with the placeholder, is ``workdir/tokenizer``); :func:`export_adapter` writes either
+as diffusers does.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from ldm_jax.train.checkpoint import CheckpointManager, describe_error, quiet_or
 
 __all__ = ["CONFIG_FILE", "FROZEN_DIR", "LOCK_FILE", "WorkdirLocked", "WorkdirLock", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "TENSORBOARD_DIR", "is_training_workdir",
            "write_config", "write_frozen", "tensorboard_dir", "open_checkpoints", "checkpoint_steps", "restore_unet_params",
-           "load_workdir", "export_lora"]
+           "write_tokenizer", "load_workdir", "export_adapter"]
 
 CONFIG_FILE = "config.json"
 FROZEN_DIR = "frozen"
@@ -124,6 +126,23 @@ def write_frozen(workdir: str, config, frozen: Mapping[str, Any]) -> None:
             storage.copytree(tok, dst)  # objects: each file appears whole
         else:
             storage.copytree(tok, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+
+
+def write_tokenizer(workdir: str, tokenizer) -> None:
+    """``workdir/tokenizer`` from a :class:`~ldm_jax.models.tokenizer.PromptTokenizer` (a textual-inversion
+    run's, with its placeholder), when missing; process 0 writes."""
+    import tempfile
+
+    dst = storage.join(workdir, TOKENIZER_DIR)
+    if jax.process_index() != 0 or storage.isdir(dst):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        if storage.is_remote(dst):
+            storage.copytree(tmp, dst)
+        else:
+            storage.copytree(tmp, dst + ".tmp")
             os.replace(dst + ".tmp", dst)
 
 
@@ -356,9 +375,13 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
         {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, storage.join(workdir, CONFIG_FILE))
     unet, step = restore_unet_params(workdir, step, ema=ema)
     text = _read_frozen(workdir, "text", shapes["text_encoder"])
-    if _is_lora(cfg):
+    what = _trained(cfg)
+    if what == "lora":
         unet, text = _merge_adapters(cfg, unet, _read_frozen(workdir, "unet", shapes["unet"]), text,
                                      f"LoRA adapters of checkpoint {step} in {workdir!r}")
+    elif what == "textual_inversion":
+        unet, text = _with_embeddings(cfg, unet, _read_frozen(workdir, "unet", shapes["unet"]), text,
+                                      f"learned embeddings of checkpoint {step} in {workdir!r}")
     _check_tree(unet, shapes["unet"], f"UNet {'EMA ' if ema else ''}params of checkpoint {step} in {workdir!r}")
     params = {"unet": unet, "vae": _read_frozen(workdir, "vae", shapes["vae"]), "text_encoder": text}
     if dtype is not None:
@@ -382,8 +405,21 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     return LoadedModel(config, params, tokenizer_path, workdir)
 
 
-def _is_lora(cfg) -> bool:
-    return "train" in cfg and cfg.train.get("trainable") == "lora"
+def _trained(cfg) -> str:
+    """What a diffusion run trained (``config.train.trainable``): "unet", "lora" or "textual_inversion"."""
+    return cfg.train.get("trainable", "unet") if "train" in cfg else "unet"
+
+
+def _with_embeddings(cfg, trained: Mapping, base_unet: Mapping, text: Mapping, what: str) -> tuple[dict, dict]:
+    """The frozen UNet and the text encoder with a textual-inversion run's learned rows."""
+    from ldm_jax.models.textual_inversion import with_rows
+
+    rows = trained.get("token_embeds")
+    n, vocab = int(cfg.textual_inversion.num_vectors), int(cfg.text_encoder.vocab_size)
+    if rows is None or tuple(np.shape(rows)) != (n, int(cfg.text_encoder.hidden_size)):
+        raise WeightsError(f"{what}: expected token_embeds [{n}, {cfg.text_encoder.hidden_size}], got "
+                           f"{None if rows is None else np.shape(rows)}")
+    return dict(base_unet), jax.tree.map(np.asarray, with_rows(text, np.arange(vocab - n, vocab), rows))
 
 
 def _merge_adapters(cfg, adapters: Mapping, base_unet: Mapping, text: Mapping, what: str) -> tuple[dict, dict]:
@@ -402,19 +438,26 @@ def _merge_adapters(cfg, adapters: Mapping, base_unet: Mapping, text: Mapping, w
     return jax.tree.map(np.asarray, unet), jax.tree.map(np.asarray, text)
 
 
-def export_lora(workdir: str | os.PathLike, out: str, *, step: int | None = None, ema: bool = True) -> str:
-    """A LoRA run's adapters of checkpoint ``step`` (default the latest; EMA unless ``ema=False``) as a
-    diffusers/PEFT LoRA file (:func:`ldm_jax.convert.lora.write_lora`) at ``out`` (a ``.safetensors``
-    file or a folder); returns the file. ValueError when the workdir did not train LoRA adapters."""
-    from ldm_jax.convert.lora import write_lora
-
+def export_adapter(workdir: str | os.PathLike, out: str, *, step: int | None = None, ema: bool = True) -> str:
+    """What a LoRA or textual-inversion run trained, from checkpoint ``step`` (default the latest; EMA
+    unless ``ema=False``), in diffusers' layout at ``out`` (a ``.safetensors`` file or a folder): the
+    adapters as ``pytorch_lora_weights.safetensors`` (:func:`ldm_jax.convert.lora.write_lora`), the
+    placeholder's vectors as ``learned_embeds.safetensors``. Returns the file written. ValueError when
+    the workdir trained the whole UNet."""
     workdir = os.fspath(workdir)
     cfg = _read_config(workdir)
-    if not _is_lora(cfg):
-        raise ValueError(f"training workdir {workdir!r} did not train LoRA adapters (its config.train.trainable "
-                         f"is {cfg.get('train', {}).get('trainable', 'unet')!r})")
-    adapters, step = restore_unet_params(workdir, step, ema=ema)
+    what = _trained(cfg)
+    if what == "unet":
+        raise ValueError(f"training workdir {workdir!r} trained the whole UNet, not LoRA adapters or embeddings "
+                         f"(export it with `ldm-jax convert` without --adapter)")
+    trained, step = restore_unet_params(workdir, step, ema=ema)
+    if what == "textual_inversion":
+        from ldm_jax.convert.textual_inversion import write_learned_embeds
+
+        return write_learned_embeds(out, cfg.textual_inversion.placeholder_token, trained["token_embeds"])
+    from ldm_jax.convert.lora import write_lora
+
     configs, shapes = build_configs_and_shapes(
         {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, storage.join(workdir, CONFIG_FILE))
-    return write_lora(out, adapters, rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
+    return write_lora(out, trained, rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
                       dropout=float(cfg.lora.dropout), base={"unet": shapes["unet"], "text_encoder": shapes["text_encoder"]})
