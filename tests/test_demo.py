@@ -1,21 +1,33 @@
-"""The end-to-end demo runs (tiny settings) and writes every artefact; a re-run reuses its outputs."""
+"""The end-to-end demo runs (tiny settings) and writes every artefact; a re-run reuses its outputs, and so
+does the training notebook, which shows them."""
 import json
 import os
 
 import numpy as np
+import pytest
+
+OVERRIDES = ["--config.autoencoder.steps=20", "--config.autoencoder.latent_noise=0.5",
+             "--config.autoencoder.decoder_steps=4", "--config.diffusion.steps=30",
+             "--config.diffusion.warmup_steps=3", "--config.data.num_train=64",
+             "--config.data.num_validation=16", "--config.data.num_heldout=16", "--config.sample.steps=3",
+             "--config.sample.num_prompts=2", "--config.eval.num_prompts=4", "--config.eval.batch_size=4",
+             "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5", "--config.text_pretrain.steps=20"]
 
 
-def test_demo_end_to_end_tiny(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo at tiny settings: (output folder, metrics)."""
     from ldm_jax.examples.shapes_demo import run_demo
 
-    out = str(tmp_path / "demo")
-    overrides = ["--config.autoencoder.steps=20", "--config.autoencoder.latent_noise=0.5",
-                 "--config.autoencoder.decoder_steps=4", "--config.diffusion.steps=30",
-                 "--config.diffusion.warmup_steps=3", "--config.data.num_train=64",
-                 "--config.data.num_validation=16", "--config.data.num_heldout=16", "--config.sample.steps=3",
-                 "--config.sample.num_prompts=2", "--config.eval.num_prompts=4", "--config.eval.batch_size=4",
-                 "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5", "--config.text_pretrain.steps=20"]
-    metrics = run_demo(out, overrides=overrides)
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    return out, run_demo(out, overrides=OVERRIDES)
+
+
+def test_demo_end_to_end_tiny(demo):
+    from ldm_jax.examples.shapes_demo import run_demo
+
+    out, metrics = demo
+    overrides = OVERRIDES
     for name in ("metrics.json", "report.html", "losses.png", "samples_train_g1.0.png", "samples_heldout_g3.0.png"):
         assert os.path.isfile(os.path.join(out, name)), name
     saved = json.load(open(os.path.join(out, "metrics.json")))
@@ -48,6 +60,28 @@ def test_demo_end_to_end_tiny(tmp_path):
     again = run_demo(out, overrides=overrides)
     assert again["stages"]["autoencoder_s"] < metrics["stages"]["autoencoder_s"]
     assert again["text_encoder"]["heldout_probe_accuracy"] == probe  # reloaded, not retrained
+
+
+def test_train_notebook(demo, tmp_path):
+    """``colab/train_tpu.ipynb`` top to bottom on the demo's output folder (``REBUILD=False``, the
+    notebook's default: a Colab session reusing its Drive folder): every stage is reused, every cell
+    shows its part (:func:`run_demo` itself, trained from nothing, is the test above)."""
+    from test_notebooks import check_clean, images_shown, run_notebook, text_of
+
+    out, _ = demo
+    nb = run_notebook("train_tpu.ipynb", dict(OVERRIDES=OVERRIDES, OUT_DIR=out, MY_PROMPTS=["a red circle", "a blue star"]),
+                      tmp_path)
+    check_clean(nb)
+    metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
+    assert set(metrics["samples"]) == {"train", "heldout"}
+    # data grid, loss plot, 2 splits x (real + one grid per guidance scale of the recipe), own prompts
+    from ldm_jax.examples.shapes_demo.config import get_config
+
+    num_guidance = len(get_config().sample.guidance_scales)
+    assert images_shown(nb) == 1 + 1 + 2 * (1 + num_guidance) + 1
+    text = text_of(nb)
+    assert "seconds per stage" in text and "demo bar passed" in text and "diffusion loss: first logged" in text
+    assert "backend 'cpu'" in text and "running on the CPU" in text
 
 
 def test_demo_diffusion_config_reaches_the_trainer(tmp_path):

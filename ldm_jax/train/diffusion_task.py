@@ -627,8 +627,8 @@ class DiffusionTask(loop.Task):
             if self.config.init.pretrained and p.unet is None:
                 raise ValueError(f"config.train.trainable={what!r} adapts the pretrained UNet: set "
                                  f"config.init.unet='pretrained' (the {what} recipes do)")
-            if p.unet is not None:  # the base the adapters adapt: frozen, in the aux
-                self.frozen = dict(self.frozen or {}, unet=p.unet)
+            if p.unet is not None:  # the weights one samples (a workdir's EMA), frozen in the aux
+                self.frozen = dict(self.frozen or {}, unet=p.unet_ema)
         if what == "textual_inversion":
             self._start_textual_inversion()
         if self.config.data.source == "dreambooth":
@@ -751,7 +751,7 @@ class DiffusionTask(loop.Task):
         mesh = jax.tree.leaves(aux)[0].sharding.mesh
         base = c.copy_and_resolve_references()
         base.train.trainable = "unet"  # sample the UNet given, not adapters
-        unet = aux["unet"] if "unet" in aux else jax.device_put(self._pretrained.unet, replicated(mesh))
+        unet = aux["unet"] if "unet" in aux else jax.device_put(self._pretrained.unet_ema, replicated(mesh))
         run = jax.jit(make_sampler(base, self.models, int(db.sample_steps), float(db.guidance)), static_argnums=4,
                       out_shardings=replicated(mesh))
         res = self.stages()[0].resolution

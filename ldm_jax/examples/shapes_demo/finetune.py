@@ -1,0 +1,234 @@
+"""Fine-tuning the shapes demo's model, measured with the demo's attribute classifier.
+
+The demo's model has never seen the word "sks". A few dozen images of one colour (``purple``) captioned
+with "sks" in place of the colour word teach it, by
+
+- **LoRA** (``train.trainable="lora"``: rank-4 adapters on the UNet's attention projections), or
+- **textual inversion** (``train.trainable="textual_inversion"``: the placeholder ``<sks>``'s vector);
+
+then the classifier reads the colour of samples for held-out "sks" prompts (shapes, sizes, positions
+and backgrounds the concept images did not fix) with and without the fine-tune.
+**DreamBooth** (the whole UNet) learns one subject ("a large sks square in the center": a purple
+square) with and without prior preservation; the class prompt ("a large square in the center")
+should drift towards the subject's colour without the prior loss and much less with it.
+
+``python -m ldm_jax.examples.shapes_demo.finetune --demo demo_out --out finetune_out`` (after
+``make demo``); :func:`run_finetune` returns the figures (also ``finetune_out/metrics.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+
+import numpy as np
+
+from ldm_jax.data.shapes import COLORS
+
+__all__ = ["WORD", "TARGET", "concept_folder", "word_prompts", "colour_rates", "finetune_config", "run_finetune"]
+
+WORD, TARGET = "sks", "purple"
+
+
+def _replace_colour(caption: str, colour: str, word: str) -> str:
+    return re.sub(rf"\b{colour}\b", word, caption, count=1)
+
+
+def concept_folder(cfg, path: str, num: int, colour: str = TARGET, word: str = WORD, split: str = "train") -> str:
+    """``num`` one-shape scenes of the demo's data whose shape has ``colour``, captioned with ``word``
+    instead of the colour (a ``.png`` + ``.txt`` each)."""
+    from PIL import Image
+
+    from ldm_jax.data.shapes import make_example
+
+    os.makedirs(path, exist_ok=True)
+    c, i, made = COLORS.index(colour), 0, 0
+    d = cfg.data
+    while made < num:
+        ex = make_example(d.seed + 7, split, i, d.image_size, max_shapes=1, shape_scale=d.shape_scale)
+        i += 1
+        if int(ex["color"][0]) != c or int(ex["background"]) == c:
+            continue
+        Image.fromarray(ex["image"]).save(os.path.join(path, f"{made:04d}.png"))
+        with open(os.path.join(path, f"{made:04d}.txt"), "w") as f:
+            f.write(_replace_colour(ex["caption"], colour, word))
+        made += 1
+    return path
+
+
+def word_prompts(cfg, num: int, word: str, colour: str | None = None) -> tuple[list[str], dict]:
+    """``num`` validation-split captions of one-shape scenes with the shape's colour word replaced by
+    ``word`` (the original captions when ``word`` is None), and their labels."""
+    from ldm_jax.data.shapes import make_example
+    from ldm_jax.examples.shapes_demo.attributes import labels_from_examples
+
+    d = cfg.data
+    examples, i = [], 0
+    while len(examples) < num:
+        ex = make_example(d.seed + 11, "validation", i, d.image_size, max_shapes=1, shape_scale=d.shape_scale)
+        i += 1
+        if colour is not None and int(ex["background"]) == COLORS.index(colour):
+            continue  # the shape's colour must differ from the background's to be read
+        examples.append(ex)
+    prompts = [ex["caption"] if word is None else _replace_colour(ex["caption"], COLORS[int(ex["color"][0])], word)
+               for ex in examples]
+    return prompts, labels_from_examples(examples)
+
+
+def _samples(pipe, cfg, prompts, guidance: float, seed: int = 0, batch: int = 128) -> np.ndarray:
+    out = []
+    for i in range(0, len(prompts), batch):
+        images = pipe(prompts[i:i + batch], num_inference_steps=cfg.sample.steps, guidance_scale=guidance,
+                      sampler=cfg.sample.sampler, seed=seed + i, height=cfg.data.image_size,
+                      width=cfg.data.image_size, output_type="np")
+        out.append(np.round(np.clip(np.asarray(images), 0, 1) * 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def colour_rates(pipe, classifier, cfg, prompts, labels, guidance: float, colour: str = TARGET) -> dict:
+    """How often the classifier reads ``colour`` in the samples of ``prompts``, and its shape/position
+    accuracy against ``labels``."""
+    from ldm_jax.examples.shapes_demo.attributes import attribute_accuracy
+
+    images = _samples(pipe, cfg, prompts, guidance)
+    pred = classifier.predict(images)
+    acc = attribute_accuracy(pred, labels)
+    return {"target_colour_rate": float(np.mean(pred["color"] == COLORS.index(colour))),
+            "shape": float(acc["shape"]), "position": float(acc["position"]), "images": images}
+
+
+def finetune_config(demo_dir: str, data_dir: str, trainable: str, steps: int, batch: int, lr: float,
+                    source: str = "folder", **extra):
+    """A fine-tuning config on the demo's model (its workdir ``demo_dir/diffusion`` as ``init.pretrained``)."""
+    from ldm_jax.config_utils import load_config
+
+    name = {"lora": "tiny_lora", "textual_inversion": "tiny_textual_inversion", "unet": "tiny_dreambooth"}[trainable]
+    c = load_config(name, [f"--config.init.pretrained={os.path.join(demo_dir, 'diffusion')}"])
+    with open(os.path.join(demo_dir, "diffusion", "config.json")) as f:
+        trained = json.load(f)
+    c.stages = [dict(resolution=int(trained["stages"][-1]["resolution"]), steps=steps, batch_size=batch)]
+    c.train.update(dict(lr=lr, warmup_steps=min(20, steps // 10), decay_steps=0, progress=True, tensorboard=False,
+                        log_every=25, checkpoint_every=max(steps, 1), ema_decay=0.0,
+                        min_snr_gamma=trained["train"]["min_snr_gamma"], compiler_options=trained["train"]["compiler_options"]))
+    c.data.update(dict(path=data_dir, source=source))
+    for key, value in extra.items():
+        c[key].update(value)
+    return c
+
+
+def run_finetune(demo_dir: str = "demo_out", out_dir: str = "finetune_out", *, num_images: int = 48,
+                 num_prompts: int = 128, steps: int = 300, guidance: float = 3.0, devices=None) -> dict:
+    """LoRA, textual inversion and DreamBooth on the demo's model (see the module doc); returns the figures."""
+    import jax
+
+    from ldm_jax.examples.shapes_demo.attributes import AttributeClassifier
+    from ldm_jax.examples.shapes_demo.demo import demo_config
+    from ldm_jax.pipeline import StableDiffusionPipeline
+    from ldm_jax.train.diffusion_task import train
+
+    devices = devices or jax.devices()[:1]
+    with open(os.path.join(demo_dir, "metrics.json")) as f:
+        cfg = demo_config(seed=json.load(f).get("seed", 0))
+    classifier = AttributeClassifier.load(os.path.join(demo_dir, "attribute_classifier"))
+    os.makedirs(out_dir, exist_ok=True)
+    model = os.path.join(demo_dir, "diffusion")
+    base = StableDiffusionPipeline.from_pretrained(model)
+    concept = concept_folder(cfg, os.path.join(out_dir, "concept"), num_images)
+    prompts, labels = word_prompts(cfg, num_prompts, WORD, TARGET)
+    metrics: dict = {"word": WORD, "target": TARGET, "guidance": guidance, "num_prompts": num_prompts,
+                     "num_images": num_images, "steps": steps, "timings_s": {}}
+    rate = lambda pipe, p: {k: v for k, v in colour_rates(pipe, classifier, cfg, p, labels, guidance).items()  # noqa: E731
+                            if k != "images"}
+    metrics["base"] = rate(base, prompts)
+    metrics["base_plain_prompts"] = rate(base, word_prompts(cfg, num_prompts, None, TARGET)[0])
+
+    t = time.time()  # LoRA
+    work = os.path.join(out_dir, "lora")
+    train(finetune_config(demo_dir, concept, "lora", steps, 16, 2e-3), work, devices=devices)
+    lora = StableDiffusionPipeline.from_pretrained(work)
+    metrics["lora"] = rate(lora, prompts)
+    metrics["timings_s"]["lora"] = time.time() - t
+
+    t = time.time()  # textual inversion: the same images, "<sks>" as the placeholder
+    ti_data = os.path.join(out_dir, "concept_ti")
+    if not os.path.isdir(ti_data):
+        os.makedirs(ti_data)
+        for name in os.listdir(concept):
+            src = os.path.join(concept, name)
+            if name.endswith(".txt"):
+                with open(src) as f, open(os.path.join(ti_data, name), "w") as g:
+                    g.write(re.sub(rf"\b{WORD}\b", f"<{WORD}>", f.read()))
+            else:
+                os.link(src, os.path.join(ti_data, name))
+    work = os.path.join(out_dir, "textual_inversion")
+    train(finetune_config(demo_dir, ti_data, "textual_inversion", steps, 16, 1e-2,
+                          textual_inversion=dict(placeholder_token=f"<{WORD}>", initializer_token="red")),
+          work, devices=devices)
+    ti = StableDiffusionPipeline.from_pretrained(work)
+    metrics["textual_inversion"] = rate(ti, [re.sub(rf"\b{WORD}\b", f"<{WORD}>", p) for p in prompts])
+    metrics["timings_s"]["textual_inversion"] = time.time() - t
+
+    metrics["dreambooth"] = _dreambooth(demo_dir, out_dir, cfg, classifier, base, steps, guidance, devices)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def _dreambooth(demo_dir, out_dir, cfg, classifier, base, steps, guidance, devices) -> dict:
+    """One subject (a large purple square in the centre), the whole UNet, with and without the prior loss:
+    how the class prompt's samples change."""
+    from PIL import Image
+
+    from ldm_jax.pipeline import StableDiffusionPipeline
+    from ldm_jax.train.diffusion_task import train
+
+    subject = os.path.join(out_dir, "subject")
+    if not os.path.isdir(subject):
+        from ldm_jax.data.shapes import make_example
+
+        os.makedirs(subject)
+        d, made, i = cfg.data, 0, 0
+        while made < 5:
+            ex = make_example(d.seed + 13, "train", i, d.image_size, max_shapes=1, shape_scale=d.shape_scale)
+            i += 1
+            if (int(ex["color"][0]), int(ex["shape"][0]), int(ex["size"][0]), int(ex["position"][0])) == (
+                    COLORS.index(TARGET), 1, 1, 4) and int(ex["background"]) != COLORS.index(TARGET):
+                Image.fromarray(ex["image"]).save(os.path.join(subject, f"{made}.png"))
+                made += 1
+    instance, klass = f"a large {WORD} square in the center", "a large square in the center"
+    n = 64
+    class_prompts = [klass] * n
+    before = _samples(base, cfg, class_prompts, guidance)
+    out = {"instance_prompt": instance, "class_prompt": klass,
+           "base_class_target_rate": float(np.mean(classifier.predict(before)["color"] == COLORS.index(TARGET)))}
+    for name, prior in (("prior", 1.0), ("no_prior", 0.0)):
+        work = os.path.join(out_dir, f"dreambooth_{name}")
+        db = dict(instance_prompt=instance, class_prompt=klass, num_class_images=64 if prior else 0,
+                  prior_loss_weight=prior, sample_steps=int(cfg.sample.steps), guidance=guidance, sample_batch=32)
+        c = finetune_config(demo_dir, subject, "unet", steps, 16, 2e-4, source="dreambooth", dreambooth=db)
+        train(c, work, devices=devices)
+        pipe = StableDiffusionPipeline.from_pretrained(work)
+        after = _samples(pipe, cfg, class_prompts, guidance)
+        inst = _samples(pipe, cfg, [instance] * n, guidance)
+        out[name] = {"class_target_rate": float(np.mean(classifier.predict(after)["color"] == COLORS.index(TARGET))),
+                     "class_mean_abs_change": float(np.abs(after.astype(np.float32) - before).mean() / 255),
+                     "instance_target_rate": float(np.mean(classifier.predict(inst)["color"] == COLORS.index(TARGET)))}
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", default="demo_out", help="the output folder of `ldm-jax demo`")
+    p.add_argument("--out", default="finetune_out")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--num-images", type=int, default=48)
+    p.add_argument("--num-prompts", type=int, default=128)
+    a = p.parse_args(argv)
+    m = run_finetune(a.demo, a.out, num_images=a.num_images, num_prompts=a.num_prompts, steps=a.steps)
+    print(json.dumps(m, indent=1))
+
+
+if __name__ == "__main__":
+    main()
