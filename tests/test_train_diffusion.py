@@ -118,8 +118,8 @@ def learned():
     c = _config(lr=2e-3, warmup_steps=20, text_dropout=0.1)
     c.data.source = "synthetic_latents"
     c.stages = [dict(resolution=8, steps=300, batch_size=16)]
-    c.mesh = dict(data=8)
-    ts = D.setup(c, sharding.make_mesh(c.mesh))
+    c.mesh = dict(data=1)
+    ts = D.setup(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
     src = D.make_batch_source(c, D.get_stages(c)[0], (0, 16))
     state, losses = ts.state, []
     for _ in range(300):
