@@ -138,3 +138,26 @@ def test_bad_lora_settings_are_clear_errors(folder, tmp_path):
     c.train.trainable = "everything"
     with pytest.raises(ValueError, match="trainable must be one of"):
         D.train(c, str(tmp_path / "bad"), devices=jax.devices()[:4])
+
+
+def test_a_lora_run_stopped_by_sigterm_resumes_bit_identical(run, folder, tmp_path):
+    """The fixture's run (text adapters, adapter dropout), stopped after step 3 and resumed: the same
+    adapters, EMA and optimizer state, bit for bit."""
+    from test_train_resume import _SigtermAt
+
+    _, _, full, full_hist = run
+    c = _config(folder, text_targets=L.TEXT_ATTENTION, dropout=0.1)
+    c.train.prefetch = 1  # the signal is keyed to reading a batch: no read-ahead
+
+    def source_fn(config, stage, rows):
+        return _SigtermAt(D.make_batch_source(config, stage, rows), 0, at={2})
+
+    work = str(tmp_path / "split")
+    first = D.train(c, work, devices=jax.devices()[:4], batch_source_fn=source_fn)
+    assert first.stopped_by is not None and int(first.state.step) == 3
+    state, hist = D.train(c, work, devices=jax.devices()[:4], batch_source_fn=source_fn)
+    assert int(state.step) == 12
+    assert [h["loss"] for h in first.history + hist] == [h["loss"] for h in full_hist]
+    for a, b in zip(jax.tree.leaves((full.params, full.ema_params, full.opt_state)),
+                    jax.tree.leaves((state.params, state.ema_params, state.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
