@@ -84,3 +84,17 @@ def test_bad_dreambooth_input_is_a_clear_error(folder, instance_dir, tmp_path):
     c.mesh = dict(data=1)
     with pytest.raises(ValueError, match="batch size must be even"):
         D.train(c, str(tmp_path / "c"), devices=jax.devices()[:1])
+
+
+def test_dreambooth_with_lora_adapters(folder, instance_dir, tmp_path):
+    """``train.trainable=lora``: the class images come from the frozen base UNet, only adapters train."""
+    from ldm_jax.models import lora as L
+
+    c = _config(folder, instance_dir, num_class_images=8)
+    c.train.trainable = "lora"
+    c.stages = [dict(resolution=16, steps=4, batch_size=8)]
+    work = str(tmp_path / "run")
+    state, hist = D.train(c, work, devices=jax.devices()[:2])
+    assert len(dreambooth.list_images(os.path.join(work, dreambooth.CLASS_DIR))) == 8
+    assert set(state.params) == {"unet", "text_encoder"} and L.num_params(state.params) > 0
+    assert int(state.step) == 4 and all(np.isfinite(h["loss"]) for h in hist)

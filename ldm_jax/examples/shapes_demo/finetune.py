@@ -8,10 +8,10 @@ with "sks" in place of the colour word teach it, by
 
 then the classifier reads the colour of samples for held-out "sks" prompts (shapes, sizes, positions
 and backgrounds the concept images did not fix) with and without the fine-tune.
-**DreamBooth** (the whole UNet) learns one subject ("a large sks square in the center": a purple
-square) with and without prior preservation; the class prompt (the nearest prompt the model knows,
-"a large red square in the center") should drift towards the subject without the prior loss and
-much less with it.
+**DreamBooth** (the whole UNet) learns one subject ("a large sks square in the center on a white
+background": a purple square) with and without prior preservation; the class prompt (the nearest
+prompt the model knows, "a large red square in the center on a white background") should drift
+towards the subject without the prior loss and much less with it.
 
 ``python -m ldm_jax.examples.shapes_demo.finetune --demo demo_out --out finetune_out`` (after
 ``make demo``); :func:`run_finetune` returns the figures (also ``finetune_out/metrics.json``).
@@ -202,20 +202,20 @@ def _dreambooth(demo_dir, out_dir, cfg, classifier, base, steps, guidance, devic
     from ldm_jax.train.diffusion_task import train
 
     subject = os.path.join(out_dir, "subject")
-    if not os.path.isdir(subject):
-        from ldm_jax.data.shapes import make_example
+    if not os.path.isdir(subject):  # five shots of one subject: a large purple square, centre, white background
+        from ldm_jax.data.shapes import SIZE_FRACTIONS, render
 
         os.makedirs(subject)
-        d, made, i = cfg.data, 0, 0
-        while made < 5:
-            ex = make_example(d.seed + 13, "train", i, d.image_size, max_shapes=1, shape_scale=d.shape_scale)
-            i += 1
-            if (int(ex["color"][0]), int(ex["shape"][0]), int(ex["size"][0]), int(ex["position"][0])) == (
-                    COLORS.index(TARGET), 1, 1, 4) and int(ex["background"]) != COLORS.index(TARGET):
-                Image.fromarray(ex["image"]).save(os.path.join(subject, f"{made}.png"))
-                made += 1
-    # the demo's captions always name a colour: the "class" is the nearest in-distribution prompt
-    instance, klass, class_colour = f"a large {WORD} square in the center", "a large red square in the center", "red"
+        size, rng = cfg.data.image_size, np.random.default_rng(13)
+        cell = size / 3
+        for k in range(5):
+            centre = np.array([[1.5 * cell, 1.5 * cell]]) + rng.uniform(-0.06, 0.06, (1, 2)) * cell
+            radius = np.array([SIZE_FRACTIONS[1] * cell * cfg.data.shape_scale])
+            Image.fromarray(render(size, [1], [COLORS.index(TARGET)], centre, radius, COLORS.index("white"))).save(
+                os.path.join(subject, f"{k}.png"))
+    # captions name the background (as every demo caption); the "class" is the nearest prompt the model knows
+    instance = f"a large {WORD} square in the center on a white background"
+    klass, class_colour = "a large red square in the center on a white background", "red"
     n = 64
     class_prompts = [klass] * n
     before = _samples(base, cfg, class_prompts, guidance)
