@@ -402,3 +402,15 @@ def test_bench_data_smoke(tmp_path):
                      workdir=str(tmp_path))
     assert out["decode_resize_crop_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
     json.dumps(out)
+
+
+def test_a_config_source_may_carry_its_place(byo):
+    """``data.source="folder:DIR"`` / ``"tar:GLOB"`` (as on the command line) name the same sources as
+    ``source`` + ``path`` / ``shards``."""
+    from ldm_jax.configs.common import data_config
+    from ldm_jax.data.sources import make_source
+
+    folder = make_source(data_config(source=f"folder:{byo['txt']}"), 16)
+    assert isinstance(folder, FolderSource) and len(folder) == len(FolderSource(byo["txt"]))
+    tar = make_source(data_config(source=f"tar:{byo['tar']}"), 16)
+    assert isinstance(tar, TarShardSource) and len(tar) == 8

@@ -269,7 +269,22 @@ def make_source(data, image_size: int, *, split: str | None = None, workdir: str
 
     ``split`` (default ``data.split``) selects the tfds/shapes split. The synthetic sources and
     cached latents are iterators, not sources: :func:`ldm_jax.data.batches.make_batches`.
+    ``source`` may carry its place, as on the command line: ``folder:DIR``, ``tar:GLOB``,
+    ``tfds:NAME[@DATA_DIR]``, ``shapes:DATA_DIR``.
     """
+    kind, sep, rest = str(data.source).partition(":")
+    if sep and kind in SOURCE_KINDS:
+        data = data.copy_and_resolve_references()
+        data.source = kind
+        if kind == "folder":
+            data.path = rest
+        elif kind == "tar":
+            data.shards = rest
+        elif kind == "tfds":
+            data.name, _, dd = rest.partition("@")
+            data.data_dir = dd or data.data_dir
+        else:
+            data.data_dir = rest
     kind = data.source
     split = split or data.split
     if kind == "folder":
