@@ -3,7 +3,7 @@ settings): rank-4 adapters on the UNet's attention projections, the rest frozen;
 AdamW lr 1e-4, 5k steps.
 
 Run: ``ldm-jax train --config sd_v1_lora --workdir DIR --config.init.pretrained=MODEL
---config.data.source=folder --config.data.path=IMAGES`` (captions as for ``sd_v1_train``), then
+--config.data.source=folder:IMAGES`` (captions beside the images, as for ``sd_v1_train``), then
 ``ldm-jax sample --model DIR ...`` (the adapters merged) or ``ldm-jax convert DIR OUT --adapter`` (a
 ``pytorch_lora_weights.safetensors`` for diffusers, ``ldm-jax sample --lora``).
 ``--config.lora.text_targets='self_attn/(q_proj|k_proj|v_proj|out_proj)$'`` adapts CLIP too.

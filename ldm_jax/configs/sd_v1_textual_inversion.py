@@ -3,7 +3,7 @@ word's embedding learns from a few images whose captions contain it; UNet, VAE a
 512 px, batch 16, AdamW lr 5e-3 (no weight decay), 3k steps.
 
 Run: ``ldm-jax train --config sd_v1_textual_inversion --workdir DIR --config.init.pretrained=MODEL
---config.data.source=folder --config.data.path=IMAGES --config.textual_inversion.placeholder_token='<my-cat>'
+--config.data.source=folder:IMAGES --config.textual_inversion.placeholder_token='<my-cat>'
 --config.textual_inversion.initializer_token=cat`` (captions such as "a photo of <my-cat>"), then
 ``ldm-jax sample --model DIR --prompt "<my-cat> on the beach"`` or ``ldm-jax convert DIR OUT --adapter``
 (``learned_embeds.safetensors`` for diffusers' ``load_textual_inversion``).
