@@ -753,7 +753,8 @@ class DiffusionTask(loop.Task):
         base.train.trainable = "unet"  # sample the UNet given, not adapters
         unet = aux["unet"] if "unet" in aux else jax.device_put(self._pretrained.unet_ema, replicated(mesh))
         run = jax.jit(make_sampler(base, self.models, int(db.sample_steps), float(db.guidance)), static_argnums=4,
-                      out_shardings=replicated(mesh))
+                      out_shardings=replicated(mesh),
+                      compiler_options=loop.compiler_options(c, mesh.devices.flat[0].platform))
         res = self.stages()[0].resolution
         side = res // _latent_factor(c)
         root = jax.random.PRNGKey(int(c.train.seed) + 1)
