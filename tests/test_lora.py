@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import peft  # noqa: F401 - the reference for LoRA files (the test extra): fail here when it is missing
 import pytest
 import torch
 
@@ -14,7 +15,6 @@ from ldm_jax.convert.lora import read_lora, write_lora
 from ldm_jax.models import lora as L
 from ldm_jax.models.unet import unet_from_config
 
-peft = pytest.importorskip("peft")
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]  # proj_*: SD v1's 1x1 convs
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
