@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -248,10 +251,6 @@ def _compile(lowered, topology: str) -> tuple[dict, float, bool]:
     """Compile ``lowered`` for ``topology`` and analyse it, or read the analysis of the identical
     program (its StableHLO, shardings included, the topology, jax and libtpu versions, compiler
     flags) from :func:`_analysis_cache_dir`. Returns (analysis, compile seconds, from the cache)."""
-    import hashlib
-    import importlib.metadata
-    import json
-
     cache = _analysis_cache_dir()
     path = None
     if cache:
