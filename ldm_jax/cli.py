@@ -56,6 +56,7 @@ def cmd_sample(args) -> None:
         ema=args.ema,
         tokenizer=args.tokenizer,
         lora=args.lora or (),
+        embeddings=args.textual_inversion or (),
     )
 
 
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, folder or hub id; diffusers/PEFT or kohya) at SCALE (default 1); "
                         "repeat for several")
+    s.add_argument("--textual-inversion", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (learned_embeds.safetensors or its folder; A1111 "
+                        ".safetensors), optionally renamed to TOKEN; repeat for several")
     _add_checkpoint_args(s)
     s.add_argument("--out", required=True)
 

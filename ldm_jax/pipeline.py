@@ -678,10 +678,12 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
                   height=None, width=None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                   sampler: str = "ddim", seed: int = 0, init_image=None, strength: float | None = None, mask=None,
                   dtype: str = "float32", allow_pickle: bool = False, step: int | None = None,
-                  ema: bool | None = None, tokenizer: str | None = None, lora: Sequence[str] = ()) -> list[str]:
+                  ema: bool | None = None, tokenizer: str | None = None, lora: Sequence[str] = (),
+                  embeddings: Sequence[str] = ()) -> list[str]:
     """What ``ldm-jax sample`` does: load, sample (txt2img / img2img / inpaint), write PNGs and a grid.
 
-    ``lora``: ``"FILE[:SCALE]"`` items (:func:`parse_lora_arg`), each loaded and active at its scale.
+    ``lora``: ``"FILE[:SCALE]"`` items (:func:`parse_lora_arg`), each loaded and active at its scale;
+    ``embeddings``: ``"FILE[:TOKEN]"`` textual-inversion embeddings (the file's token, or TOKEN).
     ``strength``: img2img and inpainting (default 0.75 and 1.0, as their methods). ``step``/``ema``:
     checkpoint and EMA/raw weights when ``model`` is a training workdir; ``tokenizer`` replaces the
     model's own. Images are written atomically (a temporary file renamed)."""
@@ -705,6 +707,11 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
                                                    step=step, ema=ema, tokenizer=tokenizer)
     for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale, allow_pickle=allow_pickle)
+    for item in embeddings:
+        path, sep, token = item.rpartition(":")
+        if not sep or not path or "/" in token or token.endswith(".safetensors"):  # no TOKEN (or a gs:// path)
+            path, token = item, None
+        pipe.load_textual_inversion(path, token, allow_pickle=allow_pickle)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                   num_images_per_prompt=num_images)
     os.makedirs(out_dir, exist_ok=True)

@@ -124,6 +124,14 @@ def test_the_workdir_samples_with_the_new_word_and_exports_diffusers_embeddings(
     prompt = "a <sq> on a red square"
     want = _torch_context(ref, ref.maybe_convert_prompt(prompt, ref.tokenizer))
     np.testing.assert_allclose(np.asarray(pipe.encode_prompt([prompt])), want, atol=1e-4)
+    # the base model with the exported embedding, renamed, from the command line
+    common = ["sample", "--model", folder, "--prompt", "a <x> square", "--steps", "2", "--height", "16", "--width", "16"]
+    main(common + ["--textual-inversion", f"{tmp_path / 'export'}:<x>", "--out", str(tmp_path / "with")])
+    main(common + ["--out", str(tmp_path / "without")])
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(tmp_path / d / "000_00.png"), np.float32) for d in ("with", "without"))
+    assert np.abs(a - b).mean() > 0.5
 
 
 def test_bad_textual_inversion_settings_are_clear_errors(folder, tmp_path):
