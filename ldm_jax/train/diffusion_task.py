@@ -14,10 +14,14 @@ diffusion math from :mod:`ldm_jax.diffusion.schedules`:
   AdamW (warm-up, global-norm clip) on the UNet; EMA min(decay, (1+n)/(10+n)); a non-finite
   loss or gradient leaves params/optimizer/EMA untouched and counts the step as skipped.
 
-``config.train.trainable="lora"``: the state's params (and EMA, optimizer state) are LoRA adapters
-only (``{"unet": ..., "text_encoder": ...}``, :mod:`ldm_jax.models.lora`); the UNet the adapters
-adapt is frozen in the aux (``frozen["unet"]``, ``config.lora.base_dtype``); text-encoder adapters
-(``config.lora.text_targets``) re-encode the prompts inside the differentiated loss.
+Fine-tuning (docs/finetune.md): ``config.train.trainable="lora"``: the state's params (and EMA,
+optimizer state) are LoRA adapters only (``{"unet": ..., "text_encoder": ...}``,
+:mod:`ldm_jax.models.lora`), the UNet they adapt frozen in the aux (``frozen["unet"]``,
+``config.lora.base_dtype``); text-encoder adapters (``config.lora.text_targets``) re-encode the
+prompts inside the differentiated loss. ``"textual_inversion"``: the placeholder's embedding rows
+only (:mod:`ldm_jax.models.textual_inversion`), the tokenizer and the text encoder's table grown.
+``config.data.source="dreambooth"`` (:mod:`ldm_jax.train.dreambooth`): instance and generated class
+images with per-row ``loss_weight`` (prior preservation).
 
 The same random numbers are drawn for the global batch whatever the mesh
 (``jax_threefry_partitionable``), so sharded and single-device runs agree to float rounding.
