@@ -270,8 +270,7 @@ class StableDiffusionPipeline:
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is loaded already (delete_adapters() it, or pick a name)")
         self._check_scale(name, scale)
-        shapes = {k: jax.eval_shape(lambda p: p, self._base_params[k]) for k in ("unet", "text_encoder")}
-        trees = read_lora(path_or_id, shapes, weight_name=weight_name, allow_pickle=allow_pickle)
+        trees = read_lora(path_or_id, self._base_params, weight_name=weight_name, allow_pickle=allow_pickle)
         self._adapters[name] = jax.device_put(trees, NamedSharding(self.mesh, P()))
         self._scales[name] = float(scale)
         self._refresh()

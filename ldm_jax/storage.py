@@ -19,7 +19,7 @@ from typing import Any
 
 from etils import epath
 
-__all__ = ["Path", "path", "is_remote", "join", "exists", "isdir", "isfile", "listdir", "glob", "read_range", "open_binary", "makedirs", "read_bytes",
+__all__ = ["Path", "path", "is_remote", "looks_like_hub_id", "join", "exists", "isdir", "isfile", "listdir", "glob", "read_range", "open_binary", "makedirs", "read_bytes",
            "read_text", "read_json", "write_bytes", "write_text", "write_json", "remove", "copy_file", "copytree",
            "local_copy", "CACHE_DIR", "StorageError"]
 
@@ -34,6 +34,11 @@ logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 class StorageError(OSError):
     """A path that cannot be reached or read (an unreachable bucket, a missing object)."""
+
+
+def looks_like_hub_id(p: str) -> bool:
+    """``owner/name`` (a model hub id): not absolute, no leading ``.``, exactly one ``/``."""
+    return not (os.path.isabs(p) or p.startswith(".") or p.count("/") != 1)
 
 
 def is_remote(p: Any) -> bool:

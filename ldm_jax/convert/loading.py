@@ -40,8 +40,7 @@ def load_model(path_or_id: str | os.PathLike, *, allow_pickle: bool = False, dty
     if ema is not None:
         raise ValueError(f"ema={ema}: {path!r} is a diffusers folder or hub id, which holds one UNet; "
                          f"ema applies to training workdirs and single-file checkpoints")
-    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
-    if not os.path.isdir(path) and looks_local:
+    if not os.path.isdir(path) and not storage.looks_like_hub_id(path):
         raise FileNotFoundError(f"model {path!r} does not exist (not a file, a folder or a hub id owner/name)")
     return load_pipeline_weights(path, allow_pickle=allow_pickle, **kw)
 

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from ldm_jax import storage
 from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.torch_flax import WeightsError, flax_path_to_torch_key
 from ldm_jax.models import lora as lora_lib
@@ -62,9 +63,7 @@ def resolve_lora_file(path_or_id: str, weight_name: str | None = None) -> str:
         found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         raise FileNotFoundError(f"LoRA folder {path!r} has no {name}" +
                                 (f" (it has {', '.join(found)}: pass weight_name)" if found else ""))
-    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or path.endswith(
-        (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
-    if looks_local:
+    if not storage.looks_like_hub_id(path) or path.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
         raise FileNotFoundError(f"LoRA file {path!r} does not exist (not a file, a folder or a hub id owner/name)")
     from huggingface_hub import hf_hub_download
 
@@ -116,15 +115,8 @@ def _split(key: str) -> tuple[str, str, str] | None:
 
 def _linear_layers(params: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], tuple[int, int]]]:
     """``{torch module name: (flax layer path, (in, out))}`` of the linear / 1x1 conv layers of ``params``."""
-    out = {}
-    for path in lora_lib.layer_paths(params, [""]):
-        kernel = params
-        for p in path:
-            kernel = kernel[p]
-        kernel = kernel["kernel"]
-        name = flax_path_to_torch_key(path + ("kernel",))[: -len(".weight")]
-        out[name] = (path, tuple(kernel.shape[-2:]))
-    return out
+    return {flax_path_to_torch_key(path + ("kernel",))[: -len(".weight")]: (path, shape)
+            for path, shape in lora_lib.linear_layers(params, [""]).items()}
 
 
 def _as_matrix(w: np.ndarray, key: str) -> np.ndarray:
@@ -230,8 +222,6 @@ def write_lora(path: str, adapters: Mapping[str, Mapping[str, Any]], *, rank: in
     ``proj_in``/``proj_out``) as ``[r, in, 1, 1]`` / ``[out, r, 1, 1]``. ``path``: a ``.safetensors``
     file, or a folder (local or ``gs://``) to hold ``pytorch_lora_weights.safetensors``. Returns the file."""
     from safetensors.numpy import save
-
-    from ldm_jax import storage
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):

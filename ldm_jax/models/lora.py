@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-__all__ = ["UNET_ATTENTION", "TEXT_ATTENTION", "layer_paths", "init_adapters", "adapted", "merge", "delta",
+__all__ = ["UNET_ATTENTION", "TEXT_ATTENTION", "linear_layers", "init_adapters", "adapted", "merge", "delta",
            "adapter_layers", "rank_of", "num_params"]
 
 Array = jax.Array
@@ -43,30 +43,22 @@ def _is_linear_kernel(kernel) -> bool:
     return len(shape) == 2 or (len(shape) == 4 and shape[:2] == (1, 1))
 
 
-def layer_paths(params: Mapping[str, Any], patterns: str | Sequence[str] = ()) -> list[Path]:
-    """The paths of the linear layers (Dense, or 1x1 conv) of ``params`` whose ``/``-joined path matches
-    one of the regular expressions ``patterns`` (searched), in the params' order."""
+def linear_layers(params: Mapping[str, Any], patterns: str | Sequence[str] = ()) -> dict[Path, tuple[int, int]]:
+    """``{path: (in, out)}`` of the linear layers (Dense, or 1x1 conv) of ``params`` whose ``/``-joined path
+    matches one of the regular expressions ``patterns`` (searched), in the params' order."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    found = []
+    found = {}
     for path, leaf in traverse_util.flatten_dict(dict(params)).items():
         if path[-1] != "kernel" or not _is_linear_kernel(leaf):
             continue
-        name = "/".join(path[:-1])
-        if any(re.search(p, name) for p in patterns):
-            found.append(path[:-1])
+        if any(re.search(p, "/".join(path[:-1])) for p in patterns):
+            found[path[:-1]] = tuple(int(d) for d in leaf.shape[-2:])
     return found
-
-
-def _kernel(params, path: Path):
-    node = params
-    for part in path:
-        node = node[part]
-    return node["kernel"]
 
 
 def init_adapters(key: Array, params: Mapping[str, Any], patterns: str | Sequence[str], rank: int,
                   init: str = "gaussian", dtype=jnp.float32) -> dict:
-    """Fresh adapters of ``rank`` on the layers :func:`layer_paths` selects: ``up = 0`` (the adapted
+    """Fresh adapters of ``rank`` on the layers :func:`linear_layers` selects: ``up = 0`` (the adapted
     model starts as the base), ``down ~ N(0, 1/rank^2)`` (``"gaussian"``, as diffusers' training
     scripts) or PEFT's default Kaiming-uniform ``U(-1/sqrt(in), 1/sqrt(in))`` (``"kaiming"``).
     Raises ValueError for a rank < 1 or patterns that select nothing."""
@@ -74,12 +66,11 @@ def init_adapters(key: Array, params: Mapping[str, Any], patterns: str | Sequenc
         raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
     if init not in ("gaussian", "kaiming"):
         raise ValueError(f"LoRA init must be 'gaussian' or 'kaiming', got {init!r}")
-    paths = layer_paths(params, patterns)
-    if not paths:
+    layers = linear_layers(params, patterns)
+    if not layers:
         raise ValueError(f"the LoRA targets {patterns!r} match no linear layer of the model")
     flat = {}
-    for i, path in enumerate(paths):
-        d_in, d_out = _kernel(params, path).shape[-2:]
+    for i, (path, (d_in, d_out)) in enumerate(layers.items()):
         k = jax.random.fold_in(key, i)
         if init == "gaussian":
             down = jax.random.normal(k, (d_in, rank), dtype) / rank

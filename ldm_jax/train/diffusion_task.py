@@ -68,7 +68,6 @@ __all__ = [
     "encode_conditioning",
     "make_optimizer",
     "trainable",
-    "uses_lora",
     "placeholder_ids",
     "adapted_weights",
     "make_training_inputs",
@@ -220,10 +219,6 @@ def trainable(config) -> str:
             raise ValueError("textual inversion adds its placeholder to the tokenizer: config.tokenizer (or "
                              "config.init.pretrained's) must name one")
     return what
-
-
-def uses_lora(config) -> bool:
-    return trainable(config) == "lora"
 
 
 def _lora_scale(config) -> float:

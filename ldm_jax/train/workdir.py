@@ -320,6 +320,15 @@ def _read_config(workdir: str) -> ml_collections.ConfigDict:
         raise WeightsError(f"{path!r} is not valid JSON: {e}") from None
 
 
+def _model_shapes(workdir: str, cfg) -> tuple[dict, dict]:
+    """The networks' configs and parameter shapes of a workdir's config.json."""
+    for comp in ("unet", "vae", "text_encoder"):
+        if comp not in cfg:
+            raise WeightsError(f"{storage.join(workdir, CONFIG_FILE)} has no {comp!r} section")
+    return build_configs_and_shapes({k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")},
+                                    storage.join(workdir, CONFIG_FILE))
+
+
 def _check_tree(params: Mapping, shapes: Mapping, what: str) -> None:
     """``params`` must have the keys and shapes of the ``jax.eval_shape`` tree ``shapes``."""
     got = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
@@ -368,11 +377,7 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     """
     workdir = os.fspath(path)
     cfg = _read_config(workdir)
-    for comp in ("unet", "vae", "text_encoder"):
-        if comp not in cfg:
-            raise WeightsError(f"{storage.join(workdir, CONFIG_FILE)} has no {comp!r} section")
-    configs, shapes = build_configs_and_shapes(
-        {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, storage.join(workdir, CONFIG_FILE))
+    configs, shapes = _model_shapes(workdir, cfg)
     unet, step = restore_unet_params(workdir, step, ema=ema)
     text = _read_frozen(workdir, "text", shapes["text_encoder"])
     what = _trained(cfg)
@@ -457,7 +462,6 @@ def export_adapter(workdir: str | os.PathLike, out: str, *, step: int | None = N
         return write_learned_embeds(out, cfg.textual_inversion.placeholder_token, trained["token_embeds"])
     from ldm_jax.convert.lora import write_lora
 
-    configs, shapes = build_configs_and_shapes(
-        {k: cfg[k].to_dict() for k in ("unet", "vae", "text_encoder")}, storage.join(workdir, CONFIG_FILE))
+    _, shapes = _model_shapes(workdir, cfg)
     return write_lora(out, trained, rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
                       dropout=float(cfg.lora.dropout), base={"unet": shapes["unet"], "text_encoder": shapes["text_encoder"]})

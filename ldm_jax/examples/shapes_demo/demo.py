@@ -379,6 +379,18 @@ def classifier_real_accuracy(classifier, cfg, num: int = 256) -> dict:
     return {k: float(v) for k, v in attribute_accuracy(classifier.predict(real), labels_from_examples(examples)).items()}
 
 
+def sample_images(pipe, cfg, prompts, guidance: float, seed: int, batch_size: int) -> np.ndarray:
+    """uint8 ``[N, S, S, 3]`` samples of ``prompts`` with the demo's sampler settings, ``batch_size`` at a
+    time (batch ``i`` seeded ``seed + i``)."""
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        out = pipe(prompts[i:i + batch_size], num_inference_steps=cfg.sample.steps, guidance_scale=guidance,
+                   sampler=cfg.sample.sampler, seed=seed + i, height=cfg.data.image_size,
+                   width=cfg.data.image_size, output_type="np")
+        images.append(np.round(np.clip(np.asarray(out), 0.0, 1.0) * 255).astype(np.uint8))
+    return np.concatenate(images)
+
+
 def evaluate(pipe, classifier, cfg, out_dir: str) -> dict:
     """Attribute accuracy and classifier-space FID of generated images per split and guidance.
 
@@ -401,13 +413,7 @@ def evaluate(pipe, classifier, cfg, out_dir: str) -> dict:
         results["prompts"][split] = captions[:cfg.sample.num_prompts]
         results["attribute_accuracy"][split], results["fid_classifier"][split] = {}, {}
         for g in cfg.sample.guidance_scales:
-            images = []
-            for i in range(0, len(captions), e.batch_size):
-                out = pipe(captions[i:i + e.batch_size], num_inference_steps=cfg.sample.steps,
-                           guidance_scale=float(g), sampler=cfg.sample.sampler, seed=cfg.seed + i,
-                           height=cfg.data.image_size, width=cfg.data.image_size, output_type="np")
-                images.append(np.round(np.clip(np.asarray(out), 0.0, 1.0) * 255).astype(np.uint8))
-            images = np.concatenate(images)
+            images = sample_images(pipe, cfg, captions, float(g), cfg.seed, e.batch_size)
             acc = attribute_accuracy(classifier.predict(images), labels)
             results["attribute_accuracy"][split][str(g)] = {k: float(v) for k, v in acc.items()}
             results["fid_classifier"][split][str(g)] = float(fid_from_features(classifier.features(images), real_feats))

@@ -78,14 +78,10 @@ def word_prompts(cfg, num: int, word: str, colour: str | None = None) -> tuple[l
     return prompts, labels_from_examples(examples)
 
 
-def _samples(pipe, cfg, prompts, guidance: float, seed: int = 0, batch: int = 128) -> np.ndarray:
-    out = []
-    for i in range(0, len(prompts), batch):
-        images = pipe(prompts[i:i + batch], num_inference_steps=cfg.sample.steps, guidance_scale=guidance,
-                      sampler=cfg.sample.sampler, seed=seed + i, height=cfg.data.image_size,
-                      width=cfg.data.image_size, output_type="np")
-        out.append(np.round(np.clip(np.asarray(images), 0, 1) * 255).astype(np.uint8))
-    return np.concatenate(out)
+def _samples(pipe, cfg, prompts, guidance: float) -> np.ndarray:
+    from ldm_jax.examples.shapes_demo.demo import sample_images
+
+    return sample_images(pipe, cfg, prompts, guidance, seed=0, batch_size=128)
 
 
 def colour_rates(pipe, classifier, cfg, prompts, labels, guidance: float, colour: str = TARGET) -> dict:
