@@ -167,3 +167,21 @@ def test_preview_sampler_pairs_each_prompt_with_the_empty_prompt(learned):
     np.testing.assert_allclose(u_a, u_b, atol=1e-5, rtol=0)
     assert np.abs(g_a[0] - g_b[0]).max() > 1e-2  # the first prompts differ
     np.testing.assert_allclose(g_a[1], g_b[1], atol=1e-5, rtol=0)  # the second ones do not
+
+
+def test_given_networks_are_not_drawn():
+    """Networks whose weights a run replaces (pretrained ones) start as zeros of the random init's
+    shapes and dtypes, so the jitted init builds no random initializer for them; the others are drawn."""
+    import optax
+
+    c = _config()
+    models = D.build_models(c)
+    args = (c, models, jax.random.key(0), (1, 8, 8, 4), optax.adam(1e-3), (1, 16, 16, 3))
+    drawn_state, drawn = D.create_train_state(*args)
+    given_state, given = D.create_train_state(*args, given=frozenset({"unet", "vae"}))
+    shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+    assert shapes(given_state.params) == shapes(drawn_state.params) and shapes(given) == shapes(drawn)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves((given_state.params, given["vae"])))
+    # not given: drawn from the same key as before
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(given["text"]), jax.tree.leaves(drawn["text"])))
+    assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(drawn_state.params))

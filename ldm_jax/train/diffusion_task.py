@@ -431,12 +431,22 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
     return train_step
 
 
+def _init_params(module, key: Array, *inputs, given: bool = False):
+    """``module``'s params: random, or zeros when the caller puts given (pretrained) values in their place
+    (a program of zeros compiles in a moment where the random initializers take seconds)."""
+    init = lambda k: module.init(k, *inputs)["params"]  # noqa: E731
+    if not given:
+        return init(key)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init, key))
+
+
 def create_train_state(config, models: DiffusionModels, key: Array, latent_shape: tuple[int, ...],
-                       tx: optax.GradientTransformation, image_shape: tuple[int, ...] | None = None
-                       ) -> tuple[TrainState, dict]:
+                       tx: optax.GradientTransformation, image_shape: tuple[int, ...] | None = None,
+                       given: frozenset = frozenset()) -> tuple[TrainState, dict]:
     """Fresh ``(state, frozen)``: random UNet (EMA = copy), random frozen encoders, empty-prompt ids.
 
-    Pretrained frozen encoders replace ``frozen["text"]`` / ``frozen["vae"]`` (see :func:`train`).
+    ``given``: the networks (``"unet"``, ``"text"``, ``"vae"``) whose weights the caller replaces (pretrained
+    ones, see :meth:`DiffusionTask.prepare_state` / ``prepare_aux``): zeros of their shapes, not drawn.
     Jit it with ``out_shardings`` to create the params directly sharded.
     """
     k_unet, k_text, k_vae, k_rng = jax.random.split(key, 4)
@@ -444,11 +454,12 @@ def create_train_state(config, models: DiffusionModels, key: Array, latent_shape
     b = latent_shape[0]
     ctx_dim = config.text_encoder.hidden_size
     ids = jnp.zeros((b, _text_length(config)), jnp.int32)
-    params = unet.init(k_unet, jnp.zeros(latent_shape, jnp.float32), jnp.zeros((b,), jnp.int32),
-                       jnp.zeros((b, ids.shape[1], ctx_dim), jnp.float32))["params"]
-    frozen = {"text": text_encoder.init(k_text, ids)["params"],
+    params = _init_params(unet, k_unet, jnp.zeros(latent_shape, jnp.float32), jnp.zeros((b,), jnp.int32),
+                          jnp.zeros((b, ids.shape[1], ctx_dim), jnp.float32), given="unet" in given)
+    frozen = {"text": _init_params(text_encoder, k_text, ids, given="text" in given),
               # encoder and decoder (the decoder renders the previews)
-              "vae": None if vae is None else vae.init(k_vae, jnp.zeros(image_shape, jnp.float32))["params"],
+              "vae": None if vae is None else _init_params(vae, k_vae, jnp.zeros(image_shape, jnp.float32),
+                                                          given="vae" in given),
               "empty_ids": jnp.asarray(empty_prompt_ids(config))}
     what = trainable(config)
     if what == "textual_inversion":  # UNet and text encoder frozen; the placeholder rows train
@@ -665,7 +676,13 @@ class DiffusionTask(loop.Task):
         side = stage0.resolution if _uses_latents(c) else stage0.resolution // _latent_factor(c)
         latent_shape = (1, side, side, c.unet.in_channels)
         image_shape = (1, stage0.resolution, stage0.resolution, c.vae.in_channels)
-        return create_train_state(c, self.models, key, latent_shape, self.tx, image_shape)
+        return create_train_state(c, self.models, key, latent_shape, self.tx, image_shape, self._given())
+
+    def _given(self) -> frozenset:
+        """The networks whose init values :meth:`prepare_state` / :meth:`prepare_aux` replace."""
+        frozen = {k for k in ("text", "vae") if (self.frozen or {}).get(k) is not None}
+        unet = self._pretrained is not None and self._pretrained.unet is not None
+        return frozenset(frozen | ({"unet"} if unet else set()))
 
     def step(self, state, batch, aux):
         return self._step(state, batch, aux)
