@@ -14,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SyntheticCaptions"]
+__all__ = ["SyntheticCaptions", "epoch_order"]
+
+
+def epoch_order(n: int, start: int, count: int, seed: tuple) -> np.ndarray:
+    """Items ``start .. start + count`` of an endless walk over ``n`` examples, each epoch ``e`` in its own
+    permutation (``default_rng((*seed, e))``): a pure function of the position, so a resumed run goes on
+    from its saved position with the same order."""
+    first, last = start // n, (start + count - 1) // n
+    order = np.concatenate([np.random.default_rng((*seed, e)).permutation(n) for e in range(first, last + 1)])
+    return order[start - first * n:start - first * n + count]
 
 
 class SyntheticCaptions:
@@ -62,13 +71,8 @@ class SyntheticCaptions:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        n = len(self.labels)
-        idx = np.concatenate([
-            np.random.default_rng((self.seed, epoch)).permutation(n)
-            for epoch in range(self.position * self.global_batch // n,
-                               ((self.position + 1) * self.global_batch - 1) // n + 1)])
-        offset = self.position * self.global_batch - (self.position * self.global_batch // n) * n
-        idx = idx[offset + self.rows[0]:offset + self.rows[1]]
+        idx = epoch_order(len(self.labels), self.position * self.global_batch, self.global_batch, (self.seed,))
+        idx = idx[self.rows[0]:self.rows[1]]
         self.position += 1
         return {self.key: self.data[idx], "input_ids": self.input_ids[idx]}
 

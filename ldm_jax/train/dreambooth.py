@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from ldm_jax import storage
+from ldm_jax.data.synthetic import epoch_order
 
 __all__ = ["CLASS_DIR", "check_config", "class_images_dir", "list_images", "load_images", "generate_class_images", "DreamBoothBatches"]
 
@@ -132,22 +133,17 @@ class DreamBoothBatches:
         self.weights = (2.0, 2.0 * float(prior_loss_weight)) if prior else (1.0, 0.0)
         self.position = 0
 
-    def _indices(self, n: int, salt: int, start: int, count: int) -> np.ndarray:
-        first, last = start // n, (start + count - 1) // n
-        perm = np.concatenate([np.random.default_rng((self.seed, salt, e)).permutation(n) for e in range(first, last + 1)])
-        return perm[start - first * n:start - first * n + count]
-
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        inst = self._indices(len(self.instance), 0, self.position * self.half, self.half)
+        inst = epoch_order(len(self.instance), self.position * self.half, self.half, (self.seed, 0))
         image = [self.instance[inst]]
         ids = [np.broadcast_to(self.ids[0], (self.half, len(self.ids[0])))]
         weight = [np.full((self.half,), self.weights[0], np.float32)]
         if self.class_images is not None:
             rest = self.global_batch - self.half
-            cls = self._indices(len(self.class_images), 1, self.position * rest, rest)
+            cls = epoch_order(len(self.class_images), self.position * rest, rest, (self.seed, 1))
             image.append(self.class_images[cls])
             ids.append(np.broadcast_to(self.ids[1], (rest, len(self.ids[1]))))
             weight.append(np.full((rest,), self.weights[1], np.float32))
