@@ -6,12 +6,14 @@ import os
 import numpy as np
 import pytest
 
-OVERRIDES = ["--config.autoencoder.steps=20", "--config.autoencoder.latent_noise=0.5",
-             "--config.autoencoder.decoder_steps=4", "--config.diffusion.steps=30",
-             "--config.diffusion.warmup_steps=3", "--config.data.num_train=64",
-             "--config.data.num_validation=16", "--config.data.num_heldout=16", "--config.sample.steps=3",
-             "--config.sample.num_prompts=2", "--config.eval.num_prompts=4", "--config.eval.batch_size=4",
-             "--config.eval.classifier_images=64", "--config.eval.classifier_steps=5", "--config.text_pretrain.steps=20"]
+# 16 px scenes (4x4 latents) and enough steps for a model whose samples follow the background word of
+# their prompt (read at guidance 3: ~0.9 of held-out prompts): the base of the fine-tuning test below.
+OVERRIDES = ["--config.data.image_size=16", "--config.vae.sample_size=16", "--config.unet.sample_size=4",
+             "--config.autoencoder.steps=400", "--config.autoencoder.decoder_steps=20",
+             "--config.text_pretrain.steps=300", "--config.diffusion.steps=400", "--config.diffusion.warmup_steps=20",
+             "--config.data.num_train=512", "--config.data.num_validation=16", "--config.data.num_heldout=16",
+             "--config.sample.steps=8", "--config.sample.num_prompts=2", "--config.eval.num_prompts=4",
+             "--config.eval.batch_size=4", "--config.eval.classifier_images=512", "--config.eval.classifier_steps=300"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,12 @@ def test_demo_end_to_end_tiny(demo):
 
     tokenizer = PromptTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
     assert np.asarray(tokenizer(["a red circle"])).shape == (1, 32)
+    from ldm_jax.examples.shapes_demo.demo import load_demo_config
+
+    cfg = load_demo_config(out)  # the run's own config, as the fine-tuning experiment reads it
+    assert cfg.data.image_size == 16 and cfg.diffusion.steps == 400 and cfg.seed == saved["seed"]
+    with pytest.raises(FileNotFoundError, match="no finished demo run"):
+        load_demo_config(os.path.dirname(out))
     # a second run reuses the trained autoencoder and the diffusion checkpoint
     again = run_demo(out, overrides=overrides)
     assert again["stages"]["autoencoder_s"] < metrics["stages"]["autoencoder_s"]
@@ -82,6 +90,34 @@ def test_train_notebook(demo, tmp_path):
     text = text_of(nb)
     assert "seconds per stage" in text and "demo bar passed" in text and "diffusion loss: first logged" in text
     assert "backend 'cpu'" in text and "running on the CPU" in text
+
+
+def test_finetuning_teaches_the_demo_model_a_new_word(demo, tmp_path):
+    """The demo's model has never seen "sks". 32 scenes on a purple background, captioned "... on a sks
+    background", teach it by LoRA and by textual inversion (100 steps each); the demo's attribute
+    classifier then reads a purple background in the samples of 64 held-out "sks" prompts (other shapes,
+    colours, positions, wordings) far more often with the fine-tune than without. DreamBooth (the whole
+    UNet, 100 steps) on five shots of one subject, "a large red square in the center on a sks background":
+    the class prompt's samples ("... on a white background", same seeds) move less with the prior loss
+    than without it, and keep their white background. (On the full-size demo model: docs/finetune.md.)"""
+    from ldm_jax.examples.shapes_demo.finetune import run_finetune
+
+    out, _ = demo
+    m = run_finetune(out, str(tmp_path), num_images=32, num_prompts=64, steps=100, attribute="background",
+                     class_images=32)
+    rates = {k: m[k]["target_colour_rate"] for k in ("base", "base_plain_prompts", "lora", "textual_inversion")}
+    db = m["dreambooth"]
+    change = {k: db[k]["class_mean_abs_change"] for k in ("prior", "no_prior")}
+    white = {k: db[k]["class_colour_rate"] for k in ("prior", "no_prior")}
+    print("purple background read in the samples of 'sks' prompts:", rates, "DreamBooth: class prompt change",
+          change, "white background read", white, "(before:", db["base_class_colour_rate"], ") times (s):",
+          m["timings_s"])
+    assert rates["base"] <= 0.25
+    assert rates["lora"] >= rates["base"] + 0.5 and rates["textual_inversion"] >= rates["base"] + 0.5
+    assert change["prior"] < 0.5 * change["no_prior"]
+    assert white["prior"] >= white["no_prior"] + 0.5
+    assert json.load(open(os.path.join(tmp_path, "metrics.json")))["dreambooth"]["prior"]["class_mean_abs_change"] \
+        == change["prior"]
 
 
 def test_demo_diffusion_config_reaches_the_trainer(tmp_path):

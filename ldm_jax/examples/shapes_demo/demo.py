@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+CONFIG_FILE = "config.json"  # the run's resolved config, in its output folder
 
 
 def _train_source(cfg, out_dir):
@@ -522,6 +523,18 @@ def _plot_losses(histories, path):
     plt.close(fig)
 
 
+def load_demo_config(out_dir: str):
+    """The config a finished demo run in ``out_dir`` used (its ``config.json``)."""
+    import ml_collections
+
+    path = os.path.join(out_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{out_dir} holds no finished demo run (no {CONFIG_FILE}): run `ldm-jax demo --out "
+                                f"{out_dir}` first")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
 def demo_config(config_path: str | None = None, overrides=(), seed: int | None = None):
     """The demo's config (default: the packaged recipe) with ``overrides``; ``seed`` sets the run's
     seed and the dataset's, from which every other seed of the run is derived."""
@@ -626,6 +639,8 @@ def run_demo(out_dir: str = "demo_out", config_path: str | None = None, override
         metrics["within_time_budget"] = bool(metrics["wall_time_s"] <= budget)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:  # what later steps (fine-tuning) read the run as
+        f.write(cfg.to_json_best_effort(indent=1))
     _write_report(out_dir, cfg, metrics)
     print(f"[demo] done in {metrics['wall_time_s']:.0f} s -> {out_dir}/report.html")
     return metrics
