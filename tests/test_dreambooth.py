@@ -1,6 +1,7 @@
 """DreamBooth with prior preservation through the one training loop: class images generated once from the
 model before training, batches half instance / half class with the prior loss weight. (The effect of the
-prior loss needs a model whose samples follow its prompts: measured on the shapes demo's model, docs/finetune.md.)"""
+prior loss needs a model whose samples follow its prompts: the demo test's model, in
+test_demo.py::test_finetuning_teaches_the_demo_model_a_new_word; the full-size demo's, docs/finetune.md.)"""
 import os
 
 import jax
