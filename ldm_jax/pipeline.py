@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax.convert.loading import load_model
 from ldm_jax.diffusion.samplers import Sampler, get_sampler_from_config, sampler_class
-from ldm_jax.diffusion.sampling import denoise, guided
+from ldm_jax.diffusion.sampling import denoise, guided, per_row_keys, row_normal
 from ldm_jax.models.attention import on_mesh
 from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
@@ -68,6 +68,27 @@ def _as_float_image(image: Any, what: str) -> np.ndarray:
     if arr.ndim != 4:
         raise ValueError(f"{what}: expected an image [H,W,C] or batch [B,H,W,C], got shape {arr.shape}")
     return arr
+
+
+def _guidance_values(guidance_scale, num_prompts: int) -> list[float]:
+    """The guidance scale of each prompt: one number for all, or one per prompt."""
+    many = isinstance(guidance_scale, (list, tuple, np.ndarray))
+    values = list(guidance_scale) if many else [guidance_scale]
+    if many and len(values) != num_prompts:
+        raise ValueError(f"guidance_scale: one number for all prompts or one per prompt ({num_prompts}), got {len(values)}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
+            raise ValueError(f"guidance_scale must be a finite number (or one per prompt), got {v!r}")
+    return [float(v) for v in values]
+
+
+def _guidance_rows(guidance_scale, rows: int) -> jax.Array:
+    """The loop's guidance argument: a scalar, or one scale per image row (each prompt's, repeated for its
+    images)."""
+    if not isinstance(guidance_scale, (list, tuple, np.ndarray)):
+        return jnp.float32(guidance_scale)
+    values = np.asarray(guidance_scale, np.float32)
+    return jnp.asarray(np.repeat(values, rows // len(values)))
 
 
 def preprocess_image(image: Any, height: int, width: int) -> np.ndarray:
@@ -390,7 +411,12 @@ class StableDiffusionPipeline:
 
     def _encode_pixels(self, vae_params, images, key, sample: bool):
         post = self.vae.apply({"params": vae_params}, images.astype(self.dtype), method=AutoencoderKL.encode)
-        z = post.sample(key) if sample else post.mode()
+        if not sample:
+            z = post.mode()
+        elif per_row_keys(key):  # one key per image: each row's posterior noise its own
+            z = post.mean + post.std * row_normal(key, post.mean.shape).astype(post.mean.dtype)
+        else:
+            z = post.sample(key)
         return z.astype(jnp.float32) * self.scaling_factor
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
@@ -437,11 +463,10 @@ class StableDiffusionPipeline:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
         sampler_class(sampler)  # unknown sampler -> ValueError listing the valid ones
-        if not isinstance(guidance_scale, (int, float, np.number)) or not np.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        scales = _guidance_values(guidance_scale, len(prompts))
         if not isinstance(guidance_rescale, (int, float, np.number)) or not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-        self._check_fits(len(prompts) * n * (2 if guidance_scale > 1.0 else 1), int(height), int(width))
+        self._check_fits(len(prompts) * n * (2 if max(scales) > 1.0 else 1), int(height), int(width))
 
     def _check_fits(self, rows: int, height: int, width: int) -> None:
         """Refuse, before tracing, a size whose UNet activations alone cannot fit the device's memory
@@ -475,16 +500,30 @@ class StableDiffusionPipeline:
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts) // num_images_per_prompt} prompts")
             negatives = (negatives * len(prompts))[: len(prompts)] if len(negatives) == 1 else \
                 [n for n in negatives for _ in range(num_images_per_prompt)]
-        use_cfg = guidance_scale > 1.0
+        use_cfg = max(_guidance_values(guidance_scale, len(prompts) // num_images_per_prompt)) > 1.0
         rows = [r for pair in zip(negatives, prompts) for r in pair] if use_cfg else prompts
         context = self.encode_prompt(rows)
         smp = get_sampler_from_config(sampler, dict(cfg.scheduler), int(steps), **(sampler_options or {}))
         shape = (len(prompts), height // self.vae_scale, width // self.vae_scale, self.latent_channels)
         return context, smp, shape, use_cfg
 
+    @staticmethod
+    def _keys(seed, rows: int, parts: int):
+        """``parts`` keys from ``seed``: one key each for the whole batch (an int seed), or ``[rows]``
+        keys each (a sequence: one seed per image, so an image depends on its own seed only)."""
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            seeds = [int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None for v in seed]
+            if len(seeds) != rows or any(v is None or not 0 <= v < 2**32 for v in seeds):
+                raise ValueError(f"seed: one integer in [0, 2**32) per image ({rows}), got {list(seed)!r}")
+            keys = jax.vmap(lambda v: jax.random.split(jax.random.key(v), parts))(jnp.asarray(seeds, jnp.uint32))
+            return tuple(keys[:, i] for i in range(parts))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer or one integer per image, got {seed!r}")
+        return tuple(jax.random.split(jax.random.key(seed), parts))
+
     def _initial_noise(self, latents, shape, rng):
         if latents is None:
-            return jax.random.normal(rng, shape, jnp.float32)
+            return row_normal(rng, shape)
         lat = np.asarray(latents, np.float32)
         if not np.isfinite(lat).all():
             raise ValueError("latents hold NaN or infinite values")
@@ -498,7 +537,8 @@ class StableDiffusionPipeline:
     def _inputs(self, mode, steps, context, smp, use_cfg, x, guidance_scale, guidance_rescale, rng, start=0,
                 cond=None) -> DenoiseInputs:
         return DenoiseInputs(LoopSpec(type(smp).__name__, int(steps), use_cfg, mode), smp, self._shard(x), context,
-                             jnp.float32(guidance_scale), jnp.float32(guidance_rescale), rng, jnp.int32(start),
+                             _guidance_rows(guidance_scale, x.shape[0]), jnp.float32(guidance_rescale), rng,
+                             jnp.int32(start),
                              jax.tree.map(self._shard, cond or {}))
 
     def denoise(self, inputs: DenoiseInputs) -> jax.Array:
@@ -525,26 +565,30 @@ class StableDiffusionPipeline:
 
     def prepare_txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                         height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                        guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim",
-                        seed: int = 0, latents: Any = None, num_images_per_prompt: int = 1,
+                        guidance_scale: float | Sequence[float] = 7.5, guidance_rescale: float = 0.0,
+                        sampler: str = "ddim", seed: int | Sequence[int] = 0, latents: Any = None,
+                        num_images_per_prompt: int = 1,
                         sampler_options: dict | None = None) -> DenoiseInputs:
         """The :class:`DenoiseInputs` of a text-to-image call (see :meth:`__call__`)."""
         context, smp, shape, use_cfg = self._conditioning(
             prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
             guidance_scale, sampler_options, guidance_rescale)
-        rng_noise, rng_loop = jax.random.split(jax.random.key(seed))
+        rng_noise, rng_loop = self._keys(seed, shape[0], 2)
         x = self._initial_noise(latents, shape, rng_noise) * smp.init_noise_sigma
         return self._inputs("txt2img", num_inference_steps, context, smp, use_cfg, x, guidance_scale,
                             guidance_rescale, rng_loop)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim",
-                 seed: int = 0, latents: Any = None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 sampler_options: dict | None = None):
+                 guidance_scale: float | Sequence[float] = 7.5, guidance_rescale: float = 0.0,
+                 sampler: str = "ddim", seed: int | Sequence[int] = 0, latents: Any = None,
+                 num_images_per_prompt: int = 1, output_type: str = "pil", sampler_options: dict | None = None):
         """Text-to-image.
 
         Args:
+          guidance_scale: one scale, or one per prompt (> 1 for any: every row runs guided).
+          seed: one seed for the batch, or one per image (``len(prompts) * num_images_per_prompt``): then
+            each image's noise comes from its own seed alone, whatever else is in the batch.
           latents: optional initial noise, unit Gaussian, ``[B, h, w, C]`` (NHWC) or ``[B, C, h, w]``
             (NCHW, as diffusers); it is multiplied by the sampler's ``init_noise_sigma``.
           sampler: one of ``ldm_jax.diffusion.SAMPLERS`` (or an alias: plms, dpm++).
@@ -561,13 +605,16 @@ class StableDiffusionPipeline:
         return self.decode(self.denoise(inputs), output_type)
 
     def img2img(self, prompt, image, strength: float = 0.75, negative_prompt=None, *, num_inference_steps: int = 50,
-                guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim", seed: int = 0,
+                guidance_scale: float | Sequence[float] = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim",
+                seed: int | Sequence[int] = 0,
                 noise: Any = None, num_images_per_prompt: int = 1, output_type: str = "pil",
                 posterior: str = "sample", sampler_options: dict | None = None):
         """SDEdit: encode ``image``, noise it to ``strength``, denoise the remaining steps.
 
         ``noise`` optionally fixes the Gaussian noise added to the image latents (NHWC or NCHW);
         ``posterior`` is ``"sample"`` (as the reference) or ``"mode"`` (deterministic encoding).
+        ``image``: one image for every prompt, or a batch (one per prompt); ``seed`` and ``guidance_scale``
+        as in :meth:`__call__` (one per image: an image depends on its own alone).
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -576,7 +623,7 @@ class StableDiffusionPipeline:
             prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps, sampler,
             guidance_scale, sampler_options, guidance_rescale)
         start = smp.start_index(strength)
-        rng_enc, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 3)
+        rng_enc, rng_noise, rng_loop = self._keys(seed, shape[0], 3)
         image_latents = self._image_latents(image, height, width, shape[0], rng_enc, posterior)
         x = smp.add_noise(image_latents, self._initial_noise(noise, shape, rng_noise), start)
         inputs = self._inputs("txt2img", num_inference_steps, context, smp, use_cfg, x, guidance_scale,
@@ -590,6 +637,8 @@ class StableDiffusionPipeline:
         pixels = preprocess_image(image, height, width) if pixels is None else pixels
         if batch % pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images for a batch of {batch}")
+        if per_row_keys(rng):  # one key per image: encode each row of the batch with its own
+            pixels = np.repeat(pixels, batch // pixels.shape[0], axis=0)
         lat = self._encode_image(self.params["vae"], jnp.asarray(pixels), rng, sample=posterior == "sample")
         return jnp.repeat(lat, batch // pixels.shape[0], axis=0)
 
@@ -673,6 +722,25 @@ def parse_lora_arg(item: str) -> tuple[str, float]:
     return item, 1.0
 
 
+def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = False, step: int | None = None,
+                  ema: bool | None = None, tokenizer: str | None = None, lora: Sequence[str] = (),
+                  embeddings: Sequence[str] = ()) -> StableDiffusionPipeline:
+    """A pipeline as ``ldm-jax sample`` and ``serve`` load it: ``model`` (a diffusers folder, hub id, single
+    file or training workdir) with the ``lora`` ``"FILE[:SCALE]"`` adapters active and the ``embeddings``
+    ``"FILE[:TOKEN]"`` textual-inversion words loaded."""
+    loras = [parse_lora_arg(item) for item in lora]
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle,
+                                                   step=step, ema=ema, tokenizer=tokenizer)
+    for path, scale in loras:
+        pipe.load_lora_weights(path, scale=scale, allow_pickle=allow_pickle)
+    for item in embeddings:
+        path, sep, token = item.rpartition(":")
+        if not sep or not path or "/" in token or token.endswith(".safetensors"):  # no TOKEN (or a gs:// path)
+            path, token = item, None
+        pipe.load_textual_inversion(path, token, allow_pickle=allow_pickle)
+    return pipe
+
+
 def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num_images: int = 1,
                   height=None, width=None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                   sampler: str = "ddim", seed: int = 0, init_image=None, strength: float | None = None, mask=None,
@@ -701,16 +769,8 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
         raise ValueError(f"--num-images must be >= 1, got {num_images!r}")
     img = _open_image(init_image, "RGB", "--init-image") if init_image is not None else None
     mask_img = _open_image(mask, "L", "--mask") if mask is not None else None
-    loras = [parse_lora_arg(item) for item in lora]
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle,
-                                                   step=step, ema=ema, tokenizer=tokenizer)
-    for path, scale in loras:
-        pipe.load_lora_weights(path, scale=scale, allow_pickle=allow_pickle)
-    for item in embeddings:
-        path, sep, token = item.rpartition(":")
-        if not sep or not path or "/" in token or token.endswith(".safetensors"):  # no TOKEN (or a gs:// path)
-            path, token = item, None
-        pipe.load_textual_inversion(path, token, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, dtype=dtype, allow_pickle=allow_pickle, step=step, ema=ema, tokenizer=tokenizer,
+                         lora=lora, embeddings=embeddings)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                   num_images_per_prompt=num_images)
     os.makedirs(out_dir, exist_ok=True)

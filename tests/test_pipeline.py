@@ -202,3 +202,48 @@ def test_cli_sample_writes_pngs_and_grid(folder, tmp_path):
     assert files == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png"]
     assert Image.open(out / "grid.png").size == (32, 32)
     assert Image.open(out / "000_00.png").size == (16, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# One seed and one guidance scale per image: an image does not depend on its batch
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])  # deterministic, and one drawing noise every step
+def test_per_image_seeds_and_guidance_do_not_depend_on_the_batch(pipes, sampler):
+    _, ours = pipes
+    prompts = ["a red circle", "a blue square", "a green star", "a small yellow disc"]
+    seeds, scales = [11, 12, 13, 2**32 - 1], [1.5, 3.0, 5.0, 7.5]
+    kw = dict(num_inference_steps=4, sampler=sampler, output_type="np")
+    together = ours(prompts, seed=seeds, guidance_scale=scales, **kw)
+    # the same batch size, other neighbours: bit-identical rows
+    others = ours(["a white box", prompts[1], "noise", prompts[3]], seed=[5, seeds[1], 6, seeds[3]],
+                  guidance_scale=[9.0, scales[1], 2.0, scales[3]], **kw)
+    np.testing.assert_array_equal(others[1], together[1])
+    np.testing.assert_array_equal(others[3], together[3])
+    assert np.abs(others[0] - together[0]).mean() > 1e-3  # and the rows do differ
+    # alone (another batch size, another compiled loop): the same image to within 1/255 per pixel
+    for i in range(4):
+        alone = ours([prompts[i]], seed=[seeds[i]], guidance_scale=[scales[i]], **kw)
+        assert np.abs(alone[0] - together[i]).max() <= 1 / 255, i
+    # one image: a one-seed list is the int seed; num_images_per_prompt repeats a prompt's scale
+    np.testing.assert_array_equal(ours(prompts[0], seed=seeds[0], guidance_scale=scales[0], **kw),
+                                  ours([prompts[0]], seed=[seeds[0]], guidance_scale=[scales[0]], **kw))
+    pairs = ours(prompts[:2], seed=[1, 2, 3, 4], guidance_scale=[2.0, 6.0], num_images_per_prompt=2, **kw)
+    rows = ours([prompts[0], prompts[0], prompts[1], prompts[1]], seed=[1, 2, 3, 4],
+                guidance_scale=[2.0, 2.0, 6.0, 6.0], **kw)
+    np.testing.assert_array_equal(pairs, rows)
+
+
+def test_per_image_values_reuse_the_compiled_loop_and_bad_ones_are_clear_errors(pipes):
+    _, ours = pipes
+    kw = dict(num_inference_steps=3, sampler="ddim", output_type="latent")
+    ours(["a", "b"], seed=[1, 2], guidance_scale=[2.0, 4.0], **kw)
+    compiled = {spec: loop._cache_size() for spec, loop in ours._loops.items()}
+    ours(["c", "d"], seed=[7, 9], guidance_scale=[8.0, 1.5], **kw)  # new prompts, seeds, scales
+    assert {spec: loop._cache_size() for spec, loop in ours._loops.items()} == compiled
+    for bad, match in ((dict(seed=[1]), "one integer in"), (dict(seed=[1, -1]), "one integer in"),
+                       (dict(seed=[1, 2**32]), "one integer in"), (dict(seed=[1, True]), "one integer in"),
+                       (dict(seed="3"), "seed must be an integer"), (dict(guidance_scale=[2.0]), "one per prompt"),
+                       (dict(guidance_scale=[2.0, float("nan")]), "finite number")):
+        with pytest.raises(ValueError, match=match):
+            ours(["a", "b"], **{**kw, **bad})
