@@ -182,6 +182,31 @@ def test_long_prompt_warns_and_truncates(tok_dirs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(PROMPTS)  # no warning for prompts that fit
+    assert ours.truncation("a cat") is None and f"{n_full - 77} token(s) were dropped" in ours.truncation(LONG_PROMPT)
+
+
+def test_tokenizer_is_safe_across_threads(tok_dirs):
+    """A server tokenizes in its request handlers and its batch worker at once: the fast tokenizer's
+    per-call padding / truncation settings must not leak from one call into another."""
+    import concurrent.futures
+    import pickle
+
+    ours = PromptTokenizer.from_pretrained(tok_dirs["v1"])
+    want = ours(["a cat"] * 3)
+
+    def work(k):
+        for _ in range(150):
+            if k % 2:
+                assert ours.truncation("a cat on a mat") is None
+            else:
+                np.testing.assert_array_equal(ours(["a cat"] * 3), want)
+        return True
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(work, range(8)))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(ours))(["a cat"] * 3), want)  # data-loader copies
 
 
 def test_config_json_and_bad_inputs(case, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from typing import Sequence
 
@@ -33,6 +34,9 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.placeholders: dict[str, list[str]] = {}  # textual inversion: word -> its tokens
+        # a fast tokenizer sets its padding / truncation on the shared Rust object at every call: calls
+        # from two threads (a server's request handler and its batch worker) must not interleave
+        self._lock = threading.Lock()
 
     def add_placeholder(self, token: str, num_vectors: int = 1) -> list[int]:
         """Add a textual-inversion placeholder (``num_vectors`` tokens ``token``, ``token_1``, ...) after the
@@ -86,6 +90,33 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def __getstate__(self):  # data-loader processes get a copy: without the lock, which does not pickle
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _dropped(self, full_ids: Sequence[int]) -> str | None:
+        dropped = len(full_ids) - self.max_length
+        if dropped <= 0:
+            return None
+        removed = self.tokenizer.decode(full_ids[self.max_length - 1:-1], skip_special_tokens=True)
+        return (f"is {len(full_ids)} tokens long (BOS and EOS included); the text encoder takes {self.max_length}, "
+                f"so {dropped} token(s) were dropped: {removed!r}")
+
+    def truncation(self, prompt: str) -> str | None:
+        """What encoding ``prompt`` drops, in words ("is N tokens long ... dropped: '...'"), or None."""
+        if self.placeholders:
+            from ldm_jax.models.textual_inversion import expand_prompt
+
+            prompt = expand_prompt(prompt, self.placeholders)
+        with self._lock:
+            full = self.tokenizer([prompt], padding=False, truncation=False).input_ids[0]
+        return self._dropped(full)
+
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """``prompts``: one string or a sequence of strings -> ``int32 [B, max_length]`` token ids."""
         if isinstance(prompts, str):
@@ -100,16 +131,14 @@ class PromptTokenizer:
             from ldm_jax.models.textual_inversion import expand_prompt
 
             prompts = [expand_prompt(p, self.placeholders) for p in prompts]
-        full = self.tokenizer(prompts, padding=False, truncation=False).input_ids
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
-                             truncation=True).input_ids
-        for i, (f, t) in enumerate(zip(full, ids)):
-            dropped = len(f) - self.max_length
-            if dropped > 0:
-                removed = self.tokenizer.decode(f[self.max_length - 1:-1], skip_special_tokens=True)
-                warnings.warn(f"prompt {i} is {len(f)} tokens long (BOS and EOS included); CLIP takes "
-                              f"{self.max_length}, so {dropped} token(s) were dropped: {removed!r}",
-                              stacklevel=2)
+        with self._lock:
+            full = self.tokenizer(prompts, padding=False, truncation=False).input_ids
+            ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                                 truncation=True).input_ids
+        for i, f in enumerate(full):
+            note = self._dropped(f)
+            if note:
+                warnings.warn(f"prompt {i} {note}", stacklevel=2)
         out = np.asarray(ids, dtype=np.int32)
         if out.shape != (len(prompts), self.max_length):
             raise ValueError(f"PromptTokenizer: tokenizer returned shape {out.shape}, expected "
