@@ -21,6 +21,11 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps lpips==0.1.4
 	# pytorch-fid (the FID reference) + torchvision's pure-Python models, kept off sys.path (tests/reference_pkgs.py).
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/reference_pkgs torchvision==0.28.0 pytorch-fid==0.3.0
+	# tests/test_serve.py drives the web page in Debian's chromium (apt; through sudo when not root)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 	touch $(TEST_STAMP)
 
 install: $(TEST_STAMP)

@@ -26,12 +26,18 @@ setup(
         "array_record",
         "tensorboardX",
         "matplotlib",
+        "fastapi>=0.110",  # ldm-jax serve: the HTTP API (on uvicorn), its OpenAPI schema
+        "uvicorn>=0.29",
+        "prometheus-client",  # ldm-jax serve: /metrics
     ],
+    package_data={"ldm_jax.serve": ["page.html"]},
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-timeout",
             "pytest-xdist",  # make test: one worker per core (at most 4), a test file per worker
+            "httpx",  # tests/test_serve.py: the in-process client (and FastAPI's TestClient)
+            "selenium",  # tests/test_serve.py: the web page in Debian's chromium
             "torch==2.13.0",
             "diffusers>=0.40",
             "peft==0.21.2",  # the reference for LoRA files (tests/test_lora.py)

@@ -60,6 +60,18 @@ def cmd_sample(args) -> None:
     )
 
 
+def cmd_serve(args) -> None:
+    from ldm_jax.serve.app import ServeConfig, run_server
+
+    config = ServeConfig(buckets=tuple(int(b) for b in args.buckets.split(",")), max_wait_ms=args.max_wait_ms,
+                         max_queue=args.max_queue, timeout_s=args.timeout, max_side=args.max_side,
+                         max_steps=args.max_steps, max_images=args.max_images, max_body_mb=args.max_body_mb,
+                         api_key=args.api_key or os.environ.get("LDM_JAX_API_KEY", ""),
+                         warmup=tuple(args.warmup or ()))
+    run_server(args.model, host=args.host, port=args.port, config=config, dtype=args.dtype, lora=args.lora or (),
+               embeddings=args.textual_inversion or (), allow_pickle=args.allow_pickle)
+
+
 def cmd_train(args, overrides) -> int:
     from ldm_jax.config_utils import load_config
     from ldm_jax.train import train
@@ -96,7 +108,8 @@ def cmd_encode_dataset(args) -> None:
 def cmd_bench(args, overrides) -> None:
     from ldm_jax import benchmarks
 
-    fn = {"sample": benchmarks.bench_sample, "train": benchmarks.bench_train, "data": benchmarks.bench_data}[args.what]
+    fn = {"sample": benchmarks.bench_sample, "train": benchmarks.bench_train, "data": benchmarks.bench_data,
+          "serve": benchmarks.bench_serve}[args.what]
     _print_json(fn(config=args.config, overrides=overrides, batch=args.batch, steps=args.steps,
                    peer=not args.no_peer))
 
@@ -175,6 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_args(s)
     s.add_argument("--out", required=True)
 
+    v = sub.add_parser("serve", help="an HTTP API (the SD web UI's /sdapi/v1), a web page and metrics, batching "
+                       "concurrent requests on the jitted loop")
+    v.add_argument("--model", required=True, help="diffusers folder, hub id, single-file checkpoint or training workdir")
+    v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="as for `sample`; repeat for several")
+    v.add_argument("--textual-inversion", action="append", metavar="FILE[:TOKEN]", help="as for `sample`")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt/.bin (runs code!)")
+    v.add_argument("--warmup", action="append", metavar="WxH:STEPS:SAMPLER",
+                   help="compile every batch bucket for these settings before /healthz says ready "
+                        "(e.g. '512x512:20:DPM++ 2M'); repeat for several")
+    v.add_argument("--buckets", default="1,2,4,8", help="batch sizes a call is padded to (comma-separated)")
+    v.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a partial batch waits for more images")
+    v.add_argument("--max-queue", type=int, default=64, help="images waiting before requests get 429")
+    v.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 503")
+    v.add_argument("--max-side", type=int, default=1024, help="largest width / height, pixels")
+    v.add_argument("--max-steps", type=int, default=150)
+    v.add_argument("--max-images", type=int, default=16, help="largest batch_size x n_iter of one request")
+    v.add_argument("--max-body-mb", type=float, default=32.0)
+    v.add_argument("--api-key", default=None, help="require this key (or set LDM_JAX_API_KEY)")
+
     t = sub.add_parser("train", help="train the task of a config (diffusion UNet, KL/VQ autoencoder)")
     t.add_argument("--config", required=True, help="a packaged recipe (sd_v1_train, sd_autoencoder, tiny_train, ...) "
                    "or a config file, optionally NAME:ARG")
@@ -204,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoders' compute dtype (default float32)")
     x.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
 
-    b = sub.add_parser("bench", help="benchmarks, printed as JSON, with the PyTorch peer in the same run")
-    b.add_argument("what", choices=["sample", "train", "data"])
+    b = sub.add_parser("bench", help="benchmarks, printed as JSON, with the peer in the same run (PyTorch; for "
+                       "serve: one image per call)")
+    b.add_argument("what", choices=["sample", "train", "data", "serve"])
     b.add_argument("--config", default=None)
     b.add_argument("--batch", type=int, default=None)
     b.add_argument("--steps", type=int, default=None)
@@ -293,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--config.* overrides are not accepted by `{args.command}`")
     handlers = {
         "sample": lambda: cmd_sample(args),
+        "serve": lambda: cmd_serve(args),
         "train": lambda: cmd_train(args, overrides),
         "convert": lambda: cmd_convert(args),
         "bench": lambda: cmd_bench(args, overrides),
