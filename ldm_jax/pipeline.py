@@ -644,13 +644,16 @@ class StableDiffusionPipeline:
 
     def inpaint(self, prompt, image, mask_image, negative_prompt=None, *, strength: float = 1.0,
                 num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
-                sampler: str = "ddim", seed: int = 0, latents: Any = None, num_images_per_prompt: int = 1,
-                output_type: str = "pil", posterior: str = "sample", sampler_options: dict | None = None):
+                sampler: str = "ddim", seed: int | Sequence[int] = 0, latents: Any = None,
+                num_images_per_prompt: int = 1, output_type: str = "pil", posterior: str = "sample",
+                sampler_options: dict | None = None):
         """Repaint the white (>= 0.5) region of ``mask_image``.
 
         With a 9-channel inpainting UNet the mask and the masked-image latents are extra UNet inputs;
         with an ordinary UNet the known region is blended back into the latents after every step.
-        ``latents`` optionally fixes the initial noise (NHWC or NCHW).
+        ``latents`` optionally fixes the initial noise (NHWC or NCHW). ``image`` and ``mask_image``: one
+        for every prompt or a batch (one per prompt); ``seed`` and ``guidance_scale`` as in
+        :meth:`__call__`.
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -664,7 +667,7 @@ class StableDiffusionPipeline:
         if mode == "inpaint_blend" and in_channels != self.latent_channels:
             raise ValueError(f"a UNet with {in_channels} input channels cannot inpaint")
         start = smp.start_index(strength)
-        rng_enc, rng_mask, rng_noise, rng_loop = jax.random.split(jax.random.key(seed), 4)
+        rng_enc, rng_mask, rng_noise, rng_loop = self._keys(seed, shape[0], 4)
         b = shape[0]
         pixels = preprocess_image(image, height, width)
         image_latents = self._image_latents(None, height, width, b, rng_enc, posterior, pixels=pixels)

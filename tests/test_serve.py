@@ -156,6 +156,31 @@ def test_img2img(server):
         _png(_run(server, [_request(0)])[0][1]["images"][0]).astype(int) - 200).mean()  # it starts from the image
 
 
+def test_inpainting(server):
+    """img2img with a ``mask``: batched == alone; the unmasked half stays near the init image, the masked half
+    is repainted; a mask of another size is a 422 naming it."""
+    from PIL import Image
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return _b64(buf.getvalue())
+
+    init = png(np.full((16, 16, 3), 200, np.uint8))
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[:, 8:] = 255  # repaint the right half
+    bodies = [_request(i, init_images=[init], mask=png(mask), denoising_strength=1.0) for i in range(3)]
+    alone = _run(server, bodies, concurrently=False, path="/sdapi/v1/img2img")
+    together = _run(server, bodies, path="/sdapi/v1/img2img")
+    for (s1, a), (s2, b) in zip(alone, together):
+        assert s1 == s2 == 200, (a, b)
+        x, y = _png(a["images"][0]).astype(int), _png(b["images"][0]).astype(int)
+        assert np.abs(x - y).max() <= 1
+        assert np.abs(x[:, :8] - 200).mean() < np.abs(x[:, 8:] - 200).mean()
+    (status, out), = _run(server, [_request(0, init_images=[init], mask=png(mask[:8]))], path="/sdapi/v1/img2img")
+    assert status == 422 and "mask" in out["detail"] and "same size" in out["detail"]
+
+
 BAD = [
     (dict(steps="many"), 422, "steps"), (dict(steps=10**30), 422, "steps"), (dict(steps=0), 422, "steps"),
     (dict(width=20), 422, "width"), (dict(width=4096), 422, "width"), (dict(height=-16), 422, "height"),

@@ -191,6 +191,9 @@ class Server:
                       guidance_scale=[r.guidance_scale for r in rows], sampler=key.sampler,
                       seed=[r.seed for r in rows], sampler_options=dict(key.sampler_options), output_type="np")
         prompts = [r.prompt for r in rows]
+        if key.mode == "inpaint":
+            images, masks = np.stack([r.init_image for r in rows]), np.stack([r.mask for r in rows])
+            return self.pipe.inpaint(prompts, images, masks, strength=key.strength, **common)
         if key.mode == "img2img":
             images = np.stack([r.init_image for r in rows])
             return self.pipe.img2img(prompts, images, key.strength, **common)
@@ -247,7 +250,7 @@ class Server:
         if not isinstance(sampler_name, str):
             raise RequestError("sampler_name", "must be a string")
         sampler, options = sampler_for(sampler_name)
-        strength, init = 1.0, None
+        strength, init, mask = 1.0, None, None
         if mode == "img2img":
             strength = _float(req, "denoising_strength", 0.75, 0.0, 1.0)
             if strength <= 0.0:
@@ -255,9 +258,14 @@ class Server:
             images = req.get("init_images")
             if not isinstance(images, list) or not images:
                 raise RequestError("init_images", "one or more base64 images")
-            if req.get("mask"):
-                raise RequestError("mask", "inpainting is not served yet: send img2img without a mask", status=501)
             decoded = [decode_image(im, f"init_images[{i}]", c.max_upload_side) for i, im in enumerate(images)]
+            if req.get("mask") is not None:  # inpainting: white = repaint
+                raw_mask = decode_image(req["mask"], "mask", c.max_upload_side)
+                for i, im in enumerate(decoded):
+                    if im.shape[:2] != raw_mask.shape[:2]:
+                        raise RequestError("mask", f"{raw_mask.shape[1]}x{raw_mask.shape[0]} but init_images[{i}] is "
+                                                   f"{im.shape[1]}x{im.shape[0]}: they must be the same size")
+                mask, mode = _resize(raw_mask, width, height), "inpaint"
             init = [_resize(im, width, height) for im in decoded]
         warnings = []
         for name, text in (("prompt", prompt), ("negative_prompt", negative)):
@@ -265,11 +273,12 @@ class Server:
             if note:
                 warnings.append(f"{name}: {note}")
         key = BatchKey(mode, height, width, steps, sampler, cfg > 1.0, tuple(sorted(options.items())),
-                       strength if mode == "img2img" else 1.0)
-        rows = [Row(prompt, negative, seed + i, cfg, None if init is None else init[i % len(init)]) for i in range(n)]
+                       strength if mode != "txt2img" else 1.0)
+        rows = [Row(prompt, negative, seed + i, cfg, None if init is None else init[i % len(init)], mask)
+                for i in range(n)]
         used = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
                     seed=seed, sampler_name=sampler_name, batch_size=batch_size, n_iter=n_iter)
-        if mode == "img2img":
+        if mode != "txt2img":
             used["denoising_strength"] = strength
         return key, rows, dict(used=used, warnings=warnings)
 
@@ -417,7 +426,8 @@ def create_app(server: Server, warm_up: bool = False):
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(request: Request):
-        """Image to image: ``init_images`` (base64) and ``denoising_strength`` besides txt2img's fields."""
+        """Image to image: ``init_images`` (base64) and ``denoising_strength`` besides txt2img's fields; with a
+        ``mask`` (base64, the init image's size, white = repaint), inpainting."""
         return await serve(request, "img2img")
 
     @app.get("/sdapi/v1/samplers")

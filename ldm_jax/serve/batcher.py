@@ -36,7 +36,7 @@ class QueueFull(RuntimeError):
 class BatchKey:
     """What rows must share to run in one call (each distinct value is its own compiled loop)."""
 
-    mode: str  # "txt2img" | "img2img"
+    mode: str  # "txt2img" | "img2img" | "inpaint"
     height: int
     width: int
     steps: int
@@ -54,7 +54,8 @@ class Row:
     negative_prompt: str
     seed: int
     guidance_scale: float
-    init_image: np.ndarray | None = None  # img2img: float32 [H, W, 3] in [0, 1]
+    init_image: np.ndarray | None = None  # img2img, inpaint: float32 [H, W, 3] in [0, 1]
+    mask: np.ndarray | None = None  # inpaint: float32 [H, W, 3], white = repaint
 
 
 @dataclasses.dataclass
