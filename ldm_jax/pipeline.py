@@ -440,6 +440,11 @@ class StableDiffusionPipeline:
 
     # -- the three steps -------------------------------------------------------------------
 
+    @property
+    def size_multiple(self) -> int:
+        """Image widths and heights must be multiples of this (8, or the VAE's downsampling if larger)."""
+        return max(8, self.vae_scale)
+
     def _validate(self, prompts, height, width, steps, sampler, guidance_scale, num_images_per_prompt=1,
                   guidance_rescale=0.0):
         if not prompts:
@@ -455,8 +460,8 @@ class StableDiffusionPipeline:
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
-            if v <= 0 or v % (8 if self.vae_scale <= 8 else self.vae_scale):
-                raise ValueError(f"{name}={v} must be a positive multiple of {max(8, self.vae_scale)}")
+            if v <= 0 or v % self.size_multiple:
+                raise ValueError(f"{name}={v} must be a positive multiple of {self.size_multiple}")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         n = num_images_per_prompt
@@ -467,6 +472,7 @@ class StableDiffusionPipeline:
         if not isinstance(guidance_rescale, (int, float, np.number)) or not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
         self._check_fits(len(prompts) * n * (2 if max(scales) > 1.0 else 1), int(height), int(width))
+        return scales
 
     def _check_fits(self, rows: int, height: int, width: int) -> None:
         """Refuse, before tracing, a size whose UNet activations alone cannot fit the device's memory
@@ -489,8 +495,8 @@ class StableDiffusionPipeline:
         default = int(cfg.unet["sample_size"]) * self.vae_scale
         height = default if height is None else height
         width = default if width is None else width
-        self._validate(prompts, height, width, steps, sampler, guidance_scale, num_images_per_prompt,
-                       guidance_rescale)
+        scales = self._validate(prompts, height, width, steps, sampler, guidance_scale, num_images_per_prompt,
+                                guidance_rescale)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -500,7 +506,7 @@ class StableDiffusionPipeline:
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts) // num_images_per_prompt} prompts")
             negatives = (negatives * len(prompts))[: len(prompts)] if len(negatives) == 1 else \
                 [n for n in negatives for _ in range(num_images_per_prompt)]
-        use_cfg = max(_guidance_values(guidance_scale, len(prompts) // num_images_per_prompt)) > 1.0
+        use_cfg = max(scales) > 1.0
         rows = [r for pair in zip(negatives, prompts) for r in pair] if use_cfg else prompts
         context = self.encode_prompt(rows)
         smp = get_sampler_from_config(sampler, dict(cfg.scheduler), int(steps), **(sampler_options or {}))

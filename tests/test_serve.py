@@ -20,6 +20,22 @@ def _png(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
+def _png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tiny_png(side=16) -> bytes:
+    return _png_bytes(np.zeros((side, side, 3), np.uint8))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from ldm_jax.reference import write_reference_folder
@@ -141,11 +157,7 @@ def test_web_ui_fields_seeds_and_lists(server):
 
 
 def test_img2img(server):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(buf, format="PNG")
-    init = base64.b64encode(buf.getvalue()).decode()
+    init = _b64(_png_bytes(np.full((16, 16, 3), 200, np.uint8)))
     bodies = [_request(i, init_images=[init], denoising_strength=0.5) for i in range(3)]
     alone = _run(server, bodies, concurrently=False, path="/sdapi/v1/img2img")
     together = _run(server, bodies, path="/sdapi/v1/img2img")
@@ -159,12 +171,8 @@ def test_img2img(server):
 def test_inpainting(server):
     """img2img with a ``mask``: batched == alone; the unmasked half stays near the init image, the masked half
     is repainted; a mask of another size is a 422 naming it."""
-    from PIL import Image
-
     def png(array):
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="PNG")
-        return _b64(buf.getvalue())
+        return _b64(_png_bytes(array))
 
     init = png(np.full((16, 16, 3), 200, np.uint8))
     mask = np.zeros((16, 16, 3), np.uint8)
@@ -200,7 +208,7 @@ def test_bad_requests_are_4xx_naming_the_field(server):
         assert status == want, (bad, status, body)
         assert field in body["detail"], (bad, body)
     img = dict(init_images=["bm90IGFuIGltYWdl"], denoising_strength=0.5)
-    trunc = base64.b64encode(_tiny_png()[:40]).decode()
+    trunc = _b64(_tiny_png()[:40])
     for body, want, field in ((img, 422, "init_images[0]"), (dict(init_images=[trunc]), 422, "init_images[0]"),
                               (dict(init_images=["***"]), 422, "base64"), (dict(init_images=[]), 422, "init_images"),
                               (dict(init_images=[_b64(_tiny_png())], denoising_strength=1.5), 422, "denoising_strength")):
@@ -209,18 +217,6 @@ def test_bad_requests_are_4xx_naming_the_field(server):
     # one bad request among good ones: the good ones are served
     mixed = [_request(1), _request(2, steps="x"), _request(3)]
     assert [s for s, _ in _run(server, mixed)] == [200, 422, 200]
-
-
-def _tiny_png(side=16):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _b64(raw):
-    return base64.b64encode(raw).decode()
 
 
 def test_queue_limit_api_key_and_body_limit(model):

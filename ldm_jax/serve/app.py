@@ -116,11 +116,11 @@ def decode_image(data: str, field: str, max_side: int) -> np.ndarray:
 
 
 def encode_png(image: np.ndarray) -> str:
-    """float [H, W, 3] in [0, 1] -> base64 PNG."""
-    from PIL import Image
+    """float [H, W, 3] in [0, 1] -> base64 PNG (rounded as the pipeline's PIL output)."""
+    from ldm_jax.pipeline import to_pil
 
     buf = io.BytesIO()
-    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    to_pil(np.clip(image, 0, 1)[None])[0].save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -158,11 +158,8 @@ class Server:
     def _listen_to_compiles(self) -> None:
         import jax
 
-        self._compiles = 0
-
         def on_event(event: str, duration: float, **kwargs) -> None:
             if event == "/jax/core/compile/backend_compile_duration":
-                self._compiles += 1
                 self.m_compiles.inc()
 
         self._on_compile = on_event
@@ -171,7 +168,7 @@ class Server:
     @property
     def compiles(self) -> int:
         """XLA compilations in this process since the server was made."""
-        return self._compiles
+        return int(self.registry.get_sample_value("ldm_compiles_total"))
 
     def close(self) -> None:
         """Stop the batcher and the compile counting."""
@@ -231,10 +228,9 @@ class Server:
         prompt, negative = _text(req, "prompt", c.max_prompt_chars), _text(req, "negative_prompt", c.max_prompt_chars)
         width = _int(req, "width", self.default_side, 8, c.max_side)
         height = _int(req, "height", self.default_side, 8, c.max_side)
-        step = max(8, self.pipe.vae_scale)
-        for name, v in (("width", width), ("height", height)):
-            if v % step:
-                raise RequestError(name, f"{v} is not a multiple of {step}")
+        for name, v in (("width", width), ("height", height)):  # the pipeline's rule, checked before batching
+            if v % self.pipe.size_multiple:
+                raise RequestError(name, f"{v} is not a multiple of {self.pipe.size_multiple}")
         steps = _int(req, "steps", 20, 1, c.max_steps)
         cfg = _float(req, "cfg_scale", 7.0, 0.0, 50.0)
         batch_size, n_iter = _int(req, "batch_size", 1, 1, c.max_images), _int(req, "n_iter", 1, 1, c.max_images)
@@ -491,8 +487,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, config:
     from ldm_jax.runtime import enable_compilation_cache
 
     config = config or ServeConfig()
-    for spec in config.warmup:
-        parse_warmup(spec)  # a bad --warmup fails before the model loads
+    for spec in config.warmup:  # a bad --warmup fails before the model loads
         sampler_for(parse_warmup(spec)[2])
     enable_compilation_cache()  # a restart skips the warm-up's compiles
     pipe = load_pipeline(model, dtype=dtype, lora=lora, embeddings=embeddings, allow_pickle=allow_pickle)
