@@ -355,3 +355,25 @@ def test_serve_command(model, tmp_path):
     assert proc.returncode in (0, -signal.SIGINT), out[-2000:]
     bad = subprocess.run(cmd[:-2] + ["--warmup", "16:4"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "WIDTHxHEIGHT:STEPS:SAMPLER" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_bench_serve_ceiling_counts_the_unet_flops(model):
+    """The FLOPs behind the bench's ``ceiling``: XLA's count of one forward agrees with the matmuls and
+    convolutions of its jaxpr, doubles when guided (to a percent: a few ops do not scale with the batch) and
+    scales with the steps."""
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax.benchmarks.serve import unet_gflop_per_image
+    from ldm_jax.pipeline import load_pipeline
+    from ldm_jax.plan import count_flops
+
+    pipe = load_pipeline(model)
+    side = int(pipe.config.unet["sample_size"]) * pipe.vae_scale
+    one = unet_gflop_per_image(pipe, side, 1, guided=False)
+    assert unet_gflop_per_image(pipe, side, 10, guided=True) == pytest.approx(20 * one, rel=0.01)
+    lat = int(pipe.config.unet["sample_size"])
+    args = (jnp.zeros((1, lat, lat, int(pipe.config.unet["in_channels"]))), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1,) + pipe.encode_prompt([""]).shape[1:]))
+    jaxpr = jax.make_jaxpr(lambda p, *a: pipe.unet.apply({"params": p}, *a))(pipe.params["unet"], *args)
+    assert one * 1e9 == pytest.approx(count_flops(jaxpr), rel=0.25)

@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import Callable
 
-__all__ = ["load", "txt2img_body", "bench_serve"]
+__all__ = ["load", "txt2img_body", "unet_gflop_per_image", "bench_serve"]
 
 
 def txt2img_body(i: int, *, steps: int, cfg_scale: float, side: int, sampler: str) -> dict:
@@ -73,6 +73,23 @@ def load(url: str, body: Callable[[int], dict], *, clients: int = 32, seconds: f
             "p99_s": pct(0.99), "mean_s": statistics.fmean(lat) if lat else None, "errors": errors}
 
 
+def unet_gflop_per_image(pipe, side: int, steps: int, guided: bool) -> float:
+    """The UNet's GFLOP for one image of ``steps`` steps (XLA's cost analysis of one forward; two rows per
+    step when guided), for samplers that evaluate the UNet once per step."""
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax.benchmarks.common import cost_flops
+
+    rows = 2 if guided else 1
+    lat = side // pipe.vae_scale
+    x = jnp.zeros((rows, lat, lat, int(pipe.config.unet["in_channels"])), pipe.unet.dtype)
+    context = jnp.zeros((rows,) + pipe.encode_prompt([""]).shape[1:], pipe.unet.dtype)
+    forward = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+    compiled = forward.lower(pipe.params["unet"], x, jnp.zeros((rows,), jnp.int32), context).compile()
+    return (cost_flops(compiled) or float("nan")) * steps / 1e9
+
+
 def bench_serve(config: str | None = None, overrides=(), batch: int | None = None, steps: int | None = None,
                 peer: bool = True, clients: int = 32, seconds: float = 30.0, rounds: int = 2,
                 buckets: tuple = (1, 2, 4, 8), size: int | None = None, sampler: str = "DPM++ 2M",
@@ -88,7 +105,7 @@ def bench_serve(config: str | None = None, overrides=(), batch: int | None = Non
     """
     import os
 
-    from ldm_jax.benchmarks.common import BENCH_CACHE, parse_overrides, versions
+    from ldm_jax.benchmarks.common import BENCH_CACHE, matmul_peak_gflops, parse_overrides, versions
     from ldm_jax.pipeline import load_pipeline
     from ldm_jax.serve.app import BackgroundServer, Server, ServeConfig
 
@@ -136,6 +153,14 @@ def bench_serve(config: str | None = None, overrides=(), batch: int | None = Non
     out = {"benchmark": "serve", "model": model, "size": side, "steps": steps, "sampler": sampler,
            "cfg_scale": cfg_scale, "clients": clients, "seconds": seconds, "buckets": list(buckets),
            "max_wait_ms": max_wait_ms, "rounds": results, "summary": summary, "versions": versions()}
+    # What the CPU allows: each side's UNet FLOP rate against the machine's matmul peak. Batching can gain at
+    # most peak / (the one-at-a-time rate), reached only if batched convolutions ran as fast as a big matmul.
+    gflop = unet_gflop_per_image(pipe, side, steps, cfg_scale > 1)
+    peak = matmul_peak_gflops()
+    for name in names:
+        summary[name]["unet_gflop_per_s"] = gflop * summary[name]["images_per_s"]
+    out["ceiling"] = {"unet_gflop_per_image": gflop, "matmul_peak_gflop_per_s": peak}
     if peer:
         out["batched_vs_one_at_a_time"] = summary["batched"]["images_per_s"] / summary["one_at_a_time"]["images_per_s"]
+        out["ceiling"]["max_ratio_at_matmul_peak"] = peak / summary["one_at_a_time"]["unet_gflop_per_s"]
     return out
