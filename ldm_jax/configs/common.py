@@ -114,6 +114,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         random_crop=False,
         random_flip=False,
         path="", captions_file="",  # folder
+        captions_dir="",  # folder: .txt captions mirroring path/images (or path); "" with path/{images,text}: text
+        caption_lines=True,  # folder: each non-empty .txt line is one caption, one drawn per epoch (False: whole file)
         shards="",  # tar: a glob or a list
         name="", split="train", data_dir="", image_key="", caption_key="",  # tfds (data_dir, split: shapes too)
         num_train=2000, num_validation=200, num_heldout=200, dataset_seed=0, max_shapes=2, shape_scale=1.0,  # shapes

@@ -121,8 +121,8 @@ class BucketIterator:
         self.source, self.global_batch, self.seed, self.shuffle = source, global_batch_size, seed, shuffle
         self.num_epochs, self.extra_keys = num_epochs, tuple(extra_keys)
         self.tokenize = None if tokenizer is None else transforms.Tokenize(tokenizer)
-        self.transform = transforms.ImageCaptionTransform(image_size, random_crop, random_flip, caption_dropout,
-                                                         extra_keys)
+        self.transform = transforms.DrawCaption(transforms.ImageCaptionTransform(
+            image_size, random_crop, random_flip, caption_dropout, extra_keys))
         self.buckets = make_buckets(image_size, bucket_step, max_aspect_ratio)
         sizes, self.excluded = image_sizes if image_sizes is not None else scan_image_sizes(source, num_threads)
         if len(sizes) != len(source):

@@ -3,7 +3,8 @@
 Pipeline (all index-based, so it is a pure function of ``seed`` and the step)::
 
     source -> shuffle(seed) -> repeat(num_epochs) -> [process_index::process_count]
-           -> decode + resize + crop + flip + [-1, 1] (per-example RNG from (seed, index))
+           -> draw one of the example's ``captions`` + decode + resize + crop + flip + [-1, 1]
+              (per-example RNG from (seed, index in the repeated stream, so per epoch))
            -> skip invalid (counted) -> batch(global_batch // process_count) -> tokenize
 
 ``make_iterator`` returns a ``DataIterator`` whose ``get_state()``/``set_state()`` (small JSON-able
@@ -126,13 +127,15 @@ def make_dataset(source, *, global_batch_size: int, image_size: int, tokenizer=N
     ``source``: any random-access source (``ldm_jax.data.sources``). ``global_batch_size`` is
     split evenly over ``process_count`` hosts (default ``jax.process_count()``).
     ``tokenizer``: ``(list[str]) -> int [B, 77]``. ``num_epochs=None`` repeats forever, with a new
-    shuffle each epoch. ``skip.last_iterator.num_skipped`` counts skipped examples.
+    shuffle each epoch. ``skip.last_iterator.num_skipped`` counts skipped examples. An example with
+    several ``captions`` (e.g. :class:`~ldm_jax.data.sources.FolderSource` with ten lines per image)
+    uses one drawn per epoch (:class:`~ldm_jax.data.transforms.DrawCaption`).
     ``require_caption=False`` keeps uncaptioned images (autoencoder training).
     """
     if not 0.0 <= caption_dropout <= 1.0:
         raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-    fn = transforms.ImageCaptionTransform(image_size, random_crop, random_flip, caption_dropout, extra_keys,
-                                          require_caption)
+    fn = transforms.DrawCaption(transforms.ImageCaptionTransform(image_size, random_crop, random_flip,
+                                                                 caption_dropout, extra_keys, require_caption))
     return _build(source, fn, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
                   num_epochs=num_epochs, process_index=process_index, process_count=process_count,
                   drop_remainder=drop_remainder, num_threads=num_threads,

@@ -1,14 +1,18 @@
 """Random-access image-caption sources: local folder, webdataset ``.tar`` shards, tfds by name.
 
 Every source has ``len(source)`` and ``source[i] -> {"image": encoded bytes or uint8 [H,W,3] or
-None (unreadable), "caption": str, ...}``, the ``grain`` random-access protocol. Decoding happens
-later in the pipeline, where a corrupt image is skipped and counted instead of crashing.
+None (unreadable), "caption": str, ...}``, the ``grain`` random-access protocol; a source with
+several captions per image adds ``"captions"`` (all of them), of which the pipeline uses one per
+epoch. Decoding happens later in the pipeline, where a corrupt image is skipped and counted instead
+of crashing.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 import tarfile
 from typing import Any, Sequence
 
@@ -40,67 +44,169 @@ def _as_caption(value: Any) -> str:
 
 
 class FolderSource:
-    """Images under ``root`` (recursive) with captions.
+    """Images under ``root`` (recursive) with one or several captions each.
 
-    Captions come from ``captions_file`` if given, else from ``root/{captions,metadata}.{jsonl,csv}``
-    (columns ``file_name``/``file``/``image`` and ``text``/``caption``, paths relative to ``root``),
-    else from a ``.txt`` file with the image's stem next to each image (missing -> ``""``, which the
-    pipeline skips and counts).
+    Captions come from, in this order:
+
+    - ``captions_file``, else ``root/{captions,metadata}.{jsonl,csv}``: one row per image, the image
+      in ``file_name``/``file``/``image``/``path``/``filename`` (relative to ``root``) and its
+      captions in ``text``/``caption``/``captions``/``prompt``. A jsonl value may be a string or a
+      list of strings; a csv may spread captions over numbered columns of one of those names
+      (``caption_1,caption_2,...`` or ``text,text2,...``; empty cells ignored). A row naming a
+      missing image is an error at construction;
+    - ``captions_dir`` (relative to ``root`` or absolute): ``<captions_dir>/<rel>.txt`` for the image
+      ``<images>/<rel>.<ext>``, where ``<images>`` is ``root/images`` when that folder exists, else
+      ``root``. When neither a captions file nor ``captions_dir`` is given and ``root/images/`` and
+      ``root/text/`` both exist (MM-CelebA-HQ, CUB and Oxford-102 captions), ``root/text`` is used.
+      It is an error when no image has a caption file there (a layout mismatch, not missing captions);
+    - else a ``.txt`` with the image's stem next to each image.
+
+    With ``caption_lines`` (the default) every non-empty line of a ``.txt`` is one caption, as in the
+    ten-captions-per-image datasets; without it the whole file is one caption (multi-line prose).
+    Records are ``{"image", "caption": the first caption or "", "captions": all of them}``; the
+    pipeline draws one of ``captions`` each time the example comes up
+    (:class:`~ldm_jax.data.transforms.DrawCaption`). An image with no caption (missing or blank ``.txt``) gets ``""``, which the pipeline skips and
+    counts when captions are required. Caption text that is not UTF-8 is an error naming the file.
     """
 
-    def __init__(self, root: str | os.PathLike, captions_file: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike, captions_file: str | os.PathLike | None = None, *,
+                 captions_dir: str | os.PathLike | None = None, caption_lines: bool = True):
         self.root = os.fspath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"FolderSource: {self.root!r} is not a directory")
-        if captions_file is None:
+        if captions_file is not None and captions_dir is not None:
+            raise ValueError("FolderSource: give a captions file or a captions folder, not both")
+        self.caption_lines = caption_lines
+        if captions_file is None and captions_dir is None:
             for name in ("captions.jsonl", "metadata.jsonl", "captions.csv", "metadata.csv"):
                 if os.path.exists(os.path.join(self.root, name)):
                     captions_file = os.path.join(self.root, name)
                     break
+            else:
+                if all(os.path.isdir(os.path.join(self.root, d)) for d in ("images", "text")):
+                    captions_dir = "text"
         if captions_file is not None:
             self.items = self._read_captions_file(os.fspath(captions_file))
+        elif captions_dir is not None:
+            self.items = self._read_captions_dir(os.path.join(self.root, os.fspath(captions_dir)))
         else:
-            self.items = []
-            for dirpath, dirnames, filenames in os.walk(self.root):
-                dirnames.sort()
-                for f in sorted(filenames):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
-                        path = os.path.join(dirpath, f)
-                        txt = os.path.splitext(path)[0] + ".txt"
-                        caption = ""
-                        if os.path.exists(txt):
-                            with open(txt, encoding="utf-8", errors="replace") as fh:
-                                caption = fh.read().strip()
-                        self.items.append((path, caption))
+            self.items = [(path, self._read_txt(os.path.splitext(path)[0] + ".txt"))
+                          for path in _walk_images(self.root)]
         if not self.items:
             raise ValueError(f"FolderSource: no images found under {self.root!r}")
 
-    def _read_captions_file(self, path: str) -> list[tuple[str, str]]:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as fh:
-                rows = [json.loads(line) for line in fh if line.strip()]
-        elif path.endswith(".csv"):
-            with open(path, encoding="utf-8", newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        else:
+    def _read_txt(self, path: str) -> tuple[str, ...]:
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            return ()
+        text = _decode_utf8(raw, path)
+        if self.caption_lines:
+            return tuple(line.strip() for line in text.splitlines() if line.strip())
+        return (text.strip(),) if text.strip() else ()
+
+    def _read_captions_dir(self, captions_dir: str) -> list[tuple[str, tuple[str, ...]]]:
+        if not os.path.isdir(captions_dir):
+            raise ValueError(f"FolderSource: captions folder {captions_dir!r} is not a directory")
+        images = os.path.join(self.root, "images")
+        images = images if os.path.isdir(images) else self.root
+        items, found, first = [], 0, None
+        for path in _walk_images(images):
+            txt = os.path.join(captions_dir, os.path.splitext(os.path.relpath(path, images))[0] + ".txt")
+            found += os.path.exists(txt)
+            first = first or txt
+            items.append((path, self._read_txt(txt)))
+        if items and not found:
+            raise ValueError(f"FolderSource: no caption file in {captions_dir!r} matches an image under "
+                             f"{images!r} (expected e.g. {first!r})")
+        return items
+
+    def _read_captions_file(self, path: str) -> list[tuple[str, tuple[str, ...]]]:
+        if not path.endswith((".jsonl", ".csv")):
             raise ValueError(f"FolderSource: captions file must be .jsonl or .csv, got {path!r}")
-        return [(os.path.join(self.root, _first_key(r, _FILE_KEYS, "file", path)),
-                 _as_caption(_first_key(r, _TEXT_KEYS, "caption", path))) for r in rows]
+        with open(path, "rb") as fh:
+            text = _decode_utf8(fh.read(), path)
+        rows: list[tuple[int, str, tuple[str, ...]]] = []  # (line, file, captions)
+        if path.endswith(".jsonl"):
+            for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"FolderSource: {path} line {line_no} is not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"FolderSource: {path} line {line_no} is not a JSON object")
+                where = f"{path} line {line_no}"
+                rows.append((line_no, _first_key(row, _FILE_KEYS, "file", where),
+                             _as_captions(_first_key(row, _TEXT_KEYS, "caption", where), where)))
+        else:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            columns = _caption_columns(reader.fieldnames or [], path)
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                rows.append((reader.line_num, _first_key(row, _FILE_KEYS, "file", where),
+                             tuple(row[c].strip() for c in columns if row[c] and row[c].strip())))
+        items = [(os.path.join(self.root, str(f)), caps) for _, f, caps in rows]
+        missing = [(line_no, f) for (line_no, f, _), (p, _) in zip(rows, items) if not os.path.isfile(p)]
+        if missing:
+            # a mismatch between captions and images is a data-preparation bug: fail before training
+            line_no, f = missing[0]
+            raise ValueError(f"FolderSource: {path} line {line_no} names {f!r}, which is not a file under "
+                             f"{self.root!r} ({len(missing)} of {len(rows)} rows name missing images)")
+        return items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        path, caption = self.items[index]
+        path, captions = self.items[index]
         try:
             with open(path, "rb") as fh:
                 image = fh.read()
         except OSError:
             image = None
-        return {"image": image, "caption": caption}
+        return {"image": image, "caption": captions[0] if captions else "", "captions": captions}
 
     def __repr__(self) -> str:
         return f"FolderSource({self.root!r}, {len(self)} examples)"
+
+
+def _walk_images(root: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return out
+
+
+def _decode_utf8(raw: bytes, path: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a BOM would otherwise start the first caption
+    except UnicodeDecodeError as e:
+        raise ValueError(f"FolderSource: {path!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                         f"{e.start}); re-encode it as UTF-8") from None
+
+
+def _as_captions(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"FolderSource: {where}: a caption list must hold strings, got {value!r}")
+        return tuple(v.strip() for v in value if v.strip())
+    value = str(value).strip()
+    return (value,) if value else ()
+
+
+def _caption_columns(fieldnames: Sequence[str], path: str) -> list[str]:
+    for key in _TEXT_KEYS:
+        columns = [c for c in fieldnames if re.fullmatch(rf"{key}(_?\d+)?", c)]
+        if columns:
+            return columns
+    raise ValueError(f"FolderSource: {path}: no caption column (expected one of {list(_TEXT_KEYS)}, optionally "
+                     f"numbered), got {list(fieldnames)}")
 
 
 class TarShardSource:
@@ -258,8 +364,8 @@ def make_source(data, image_size: int, *, split: str | None = None, workdir: str
 
     ``data`` (``config.data``): ``source`` is one of :data:`SOURCE_KINDS` with its fields:
 
-    - ``folder``: images under ``path`` (captions from ``captions_file`` or next to the images),
-      :class:`FolderSource`;
+    - ``folder``: images under ``path`` (captions from ``captions_file``, from ``.txt`` files in
+      ``captions_dir`` or next to the images, one per line with ``caption_lines``), :class:`FolderSource`;
     - ``tar``: webdataset ``shards`` (a glob or a list), :class:`TarShardSource`;
     - ``tfds``: prepared tfds dataset ``name`` (``data_dir``, ``image_key``, ``caption_key``),
       :class:`TfdsSource`;
@@ -290,7 +396,8 @@ def make_source(data, image_size: int, *, split: str | None = None, workdir: str
     if kind == "folder":
         if not data.path:
             raise ValueError("data.source 'folder' needs data.path")
-        return FolderSource(data.path, data.captions_file or None)
+        return FolderSource(data.path, data.captions_file or None, captions_dir=data.captions_dir or None,
+                            caption_lines=bool(data.caption_lines))
     if kind == "tar":
         if not data.shards:
             raise ValueError("data.source 'tar' needs data.shards")

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["SKIP", "decode_image", "preprocess_image", "per_host_batch_size", "check_hosts",
-           "ImageCaptionTransform", "Tokenize"]
+           "ImageCaptionTransform", "DrawCaption", "Tokenize"]
 
 SKIP = "_skip"  # key of the marker element standing for an invalid example
 
@@ -132,3 +132,24 @@ class Tokenize:
         if ids.ndim != 2 or ids.shape[0] != len(batch["caption"]):
             raise ValueError(f"tokenizer must map B strings to int [B, L], got shape {ids.shape}")
         return dict(batch, input_ids=ids.astype(np.int32))
+
+
+class DrawCaption:
+    """Wraps a transform ``(rec, rng, size=None)``: an example with several ``captions`` gets one of
+    them as its ``caption``, drawn from the example's own RNG.
+
+    That RNG is a function of the data seed and the example's place in the stream (grain: the index
+    in the repeated, shuffled stream, so a new draw each epoch; buckets: the step and row), so the
+    draw is deterministic and a resumed iterator sees the captions an uninterrupted one would. It
+    is the first draw, so the caption does not depend on which augmentations are on; single-caption
+    examples draw nothing and keep their augmentation stream.
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, rec: dict, rng: np.random.Generator, size=None) -> dict:
+        captions = rec.get("captions")
+        if captions is not None and len(captions) > 1:
+            rec = dict(rec, caption=captions[int(rng.integers(len(captions)))])
+        return self.transform(rec, rng, size=size)
