@@ -5,6 +5,10 @@ head per attribute of the shape (``shape`` 5, ``color`` 8, ``position`` 9, ``siz
 ``background`` colour (8). The demo compares its reading of generated images with the attributes
 the prompt asked for (:func:`attribute_accuracy`), and uses its penultimate layer as the feature
 space of a FID between generated and real images.
+
+The network (:class:`AttributeCNN`, any ``heads``), its trainer (:func:`fit_attribute_cnn`), the saved
+form (:class:`AttributeClassifier`) and :func:`attribute_accuracy` are generic; the faces demo's
+reader (:mod:`ldm_jax.examples.faces_demo.attributes`) uses them with its own heads and data.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import optax
 from ldm_jax.data import shapes as shapes_lib
 from ldm_jax.models.conv import conv_general_dilated
 
-__all__ = ["HEADS", "AttributeCNN", "AttributeClassifier", "train_attribute_classifier",
+__all__ = ["HEADS", "AttributeCNN", "AttributeClassifier", "train_attribute_classifier", "fit_attribute_cnn",
            "attribute_accuracy", "labels_from_examples"]
 
 HEADS = {"shape": len(shapes_lib.SHAPES), "color": len(shapes_lib.COLORS),
@@ -35,10 +39,13 @@ ARCH_VERSION = 2  # bumped whenever AttributeCNN's layers change, so stale saved
 
 
 class AttributeCNN(nn.Module):
-    """[N,S,S,3] in [-1,1] -> (features [N,feature_dim], {head: logits [N,classes]})."""
+    """[N,S,S,3] in [-1,1] -> (features [N,feature_dim], {head: logits [N,classes]}).
+
+    ``heads``: ``((name, classes), ...)``; the shapes heads (:data:`HEADS`) by default."""
 
     width: int = 32
     feature_dim: int = 128
+    heads: tuple = tuple(HEADS.items())
 
     @nn.compact
     def __call__(self, x):
@@ -48,7 +55,7 @@ class AttributeCNN(nn.Module):
                                 conv_general_dilated=conv_general_dilated)(x))
         x = x.reshape(x.shape[0], -1)  # keep the spatial layout: position is a head
         feats = nn.relu(nn.Dense(self.feature_dim, name="features")(x))
-        return feats, {k: nn.Dense(n, name=f"head_{k}")(feats) for k, n in HEADS.items()}
+        return feats, {k: nn.Dense(n, name=f"head_{k}")(feats) for k, n in self.heads}
 
 
 def labels_from_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -75,21 +82,23 @@ def _to_input(images, image_size: int) -> jnp.ndarray:
 
 @dataclasses.dataclass
 class AttributeClassifier:
-    """A trained :class:`AttributeCNN` with its params and input size."""
+    """A trained :class:`AttributeCNN` with its params and input size (``info``: any JSON metadata,
+    e.g. the accuracy measured after training, saved and loaded with it)."""
 
     module: AttributeCNN
     params: Any
     image_size: int
+    info: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self._apply = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
 
     def _run(self, images, batch_size: int = 256):
-        feats, logits = [], {k: [] for k in HEADS}
+        feats, logits = [], {k: [] for k, _ in self.module.heads}
         for i in range(0, len(images), batch_size):
             f, lg = self._apply(self.params, _to_input(images[i:i + batch_size], self.image_size))
             feats.append(np.asarray(f))
-            for k in HEADS:
+            for k in logits:
                 logits[k].append(np.asarray(lg[k]))
         return np.concatenate(feats), {k: np.concatenate(v) for k, v in logits.items()}
 
@@ -109,7 +118,8 @@ class AttributeClassifier:
         np.savez(path + ".tmp.npz", **flat)
         with open(path + ".tmp.json", "w") as f:
             json.dump({"version": ARCH_VERSION, "image_size": self.image_size, "width": self.module.width,
-                       "feature_dim": self.module.feature_dim}, f)
+                       "feature_dim": self.module.feature_dim, "heads": [list(h) for h in self.module.heads],
+                       "info": self.info}, f)
         os.replace(path + ".tmp.npz", path + ".npz")
         os.replace(path + ".tmp.json", path + ".json")
 
@@ -126,7 +136,9 @@ class AttributeClassifier:
                              f"builds version {ARCH_VERSION} (retrain it)")
         with np.load(path + ".npz") as z:
             params = traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
-        return cls(AttributeCNN(meta["width"], meta["feature_dim"]), params, int(meta["image_size"]))
+        heads = tuple((str(k), int(n)) for k, n in meta.get("heads", HEADS.items()))
+        return cls(AttributeCNN(meta["width"], meta["feature_dim"], heads), params, int(meta["image_size"]),
+                   meta.get("info", {}))
 
 
 def train_attribute_classifier(image_size: int, seed: int = 0, num_images: int = 4000, steps: int = 600,
@@ -147,22 +159,42 @@ def train_attribute_classifier(image_size: int, seed: int = 0, num_images: int =
 
     ``compiler_options``: XLA options of the jitted step (e.g. :func:`ldm_jax.runtime.ynn_options`).
     """
-    from tqdm.auto import tqdm
-
     examples = [shapes_lib.make_example(seed, "train", i, image_size, max_shapes=max_shapes, shape_scale=shape_scale)
                 for i in range(num_images)]
     images = np.stack([ex["image"] for ex in examples])
     labels = labels_from_examples(examples)
     palette = shapes_lib.COLOR_RGB.astype(np.int32)
     index = np.argmin(((images[..., None, :].astype(np.int32) - palette) ** 2).sum(-1), axis=-1).astype(np.uint8)
-    module = AttributeCNN()
+
+    def next_batch(rng):
+        idx = rng.integers(0, num_images, batch_size)
+        perm = np.argsort(rng.random((batch_size, len(palette))), axis=1)  # a palette permutation per scene
+        rows = np.arange(batch_size)
+        batch_images = shapes_lib.COLOR_RGB[perm[rows[:, None, None], index[idx]]]
+        y = {k: v[idx] for k, v in labels.items()}
+        y["color"], y["background"] = perm[rows, y["color"]], perm[rows, y["background"]]
+        return batch_images, y
+
+    return fit_attribute_cnn(AttributeCNN(), image_size, next_batch, steps=steps, lr=lr, seed=seed, augment=augment,
+                             progress=progress, compiler_options=compiler_options)
+
+
+def fit_attribute_cnn(module: AttributeCNN, image_size: int, next_batch, *, steps: int, lr: float = 2e-3,
+                      seed: int = 0, augment: bool = True, progress: bool = True,
+                      compiler_options: dict | None = None, desc: str = "attribute classifier") -> AttributeClassifier:
+    """Train ``module`` (one softmax cross-entropy per head, Adam with cosine decay) for ``steps``
+    batches of ``next_batch(rng) -> (uint8 images [B,H,W,3], {head: int [B]})``, ``rng`` a numpy
+    Generator seeded with ``seed``; with ``augment``, each batch through :func:`_augment`."""
+    from tqdm.auto import tqdm
+
     params = module.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
     tx = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05))
     opt_state = tx.init(params)
+    heads = [k for k, _ in module.heads]
 
     def loss_fn(p, x, y):
         _, logits = module.apply({"params": p}, x)
-        return sum(optax.softmax_cross_entropy_with_integer_labels(logits[k], y[k]).mean() for k in HEADS)
+        return sum(optax.softmax_cross_entropy_with_integer_labels(logits[k], y[k]).mean() for k in heads)
 
     @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(p, o, x, y, key):
@@ -174,14 +206,9 @@ def train_attribute_classifier(image_size: int, seed: int = 0, num_images: int =
 
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed + 1)
-    bar = tqdm(range(steps), desc="attribute classifier", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
-        idx = rng.integers(0, num_images, batch_size)
-        perm = np.argsort(rng.random((batch_size, len(palette))), axis=1)  # a palette permutation per scene
-        rows = np.arange(batch_size)
-        batch_images = shapes_lib.COLOR_RGB[perm[rows[:, None, None], index[idx]]]
-        y = {k: v[idx] for k, v in labels.items()}
-        y["color"], y["background"] = perm[rows, y["color"]], perm[rows, y["background"]]
+        batch_images, y = next_batch(rng)
         key, sub = jax.random.split(key)
         params, opt_state, loss = step(params, opt_state, _to_input(batch_images, image_size),
                                        {k: jnp.asarray(v, jnp.int32) for k, v in y.items()}, sub)
