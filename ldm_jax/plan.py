@@ -44,6 +44,7 @@ from jax.extend import core as jax_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.models.remat import policy_name
+from ldm_jax.models.text_encoder import context_width
 from ldm_jax.train import loop, make_task, sharding
 
 __all__ = ["Chip", "CHIPS", "chip", "topology_devices", "count_flops", "plan_train", "plan_sample", "search",
@@ -510,7 +511,7 @@ def plan_sample(config, topology: str, *, batch: int = 1, height: int | None = N
     c = int(unet_cfg.get("in_channels", 4))
     x = jax.ShapeDtypeStruct((batch, height // factor, width // factor, c), jnp.float32, sharding=rows(batch))
     n_ctx = 2 * batch if guidance else batch
-    ctx_dim = int(dict(config.text_encoder)["hidden_size"])
+    ctx_dim = context_width(config.text_encoder)
     context = jax.ShapeDtypeStruct((n_ctx, 77, ctx_dim), dt, sharding=rows(n_ctx))
     with attention.target_platform(devices[0].platform):
         params = jax.eval_shape(lambda k: unet.init(k, jnp.zeros(x.shape), jnp.zeros((batch,), jnp.int32),

@@ -94,6 +94,10 @@ def init_config(**overrides) -> ml_collections.ConfigDict:
         # scaling factor) and its scheduler as the frozen models; the autoencoder task takes its VAE
         pretrained="",
         unet="random",  # "pretrained": the UNet (and its EMA) from `pretrained` too, to fine-tune it
+        # diffusion: the frozen VAE (and its config) from this source instead: an autoencoder training workdir
+        # (the first stage trained with `ldm-jax train --config ..._autoencoder`) or any model source
+        vae="",
+        vae_scaling_factor=0.0,  # > 0: the latents' scale for that VAE (LDM: 1 / std of the first batch's latents)
         allow_pickle=False,  # a pickled .ckpt/.bin source (unpickling runs code)
         random_encoders=False,  # no `pretrained`: train against random frozen encoders on purpose (tests)
     ))

@@ -45,6 +45,9 @@ def get_config():
         # "unet": every UNet weight | "lora": adapters only (config.lora) | "textual_inversion": the
         # placeholder's embeddings only (config.textual_inversion); the rest frozen
         trainable="unet",
+        # with trainable="unet": the text encoder trains with the UNet (its params, EMA and AdamW state
+        # beside the UNet's; LDM's jointly trained BERT, or fine-tuning CLIP as diffusers' --train_text_encoder)
+        train_text_encoder=False,
     )
     c.lora = common.lora_config()
     c.textual_inversion = common.textual_inversion_config()

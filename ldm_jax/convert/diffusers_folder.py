@@ -66,7 +66,7 @@ def _module_fields(cls) -> set[str]:
 def _build(kind: str, cfg: Mapping[str, Any], source: str):
     """(module, filtered config dict, ``jax.eval_shape`` params) for one network; ValueError -> WeightsError."""
     from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
-    from ldm_jax.models.clip_text import CLIPTextModel, clip_text_from_config
+    from ldm_jax.models.text_encoder import config_fields, text_encoder_from_config
     from ldm_jax.models.unet import UNet2DConditionModel, unet_from_config
 
     cfg = {k: _tuples(v) for k, v in dict(cfg).items()}
@@ -84,8 +84,8 @@ def _build(kind: str, cfg: Mapping[str, Any], source: str):
             side = 2 ** (len(model.block_out_channels) - 1)
             args = (jnp.zeros((1, side, side, model.in_channels)),)
         else:
-            model = clip_text_from_config(cfg)
-            fields = _module_fields(CLIPTextModel)
+            model = text_encoder_from_config(cfg)
+            fields = (_module_fields(type(model)) | {"model_type"}) & set(config_fields(cfg))
             args = (jnp.zeros((1, 1), jnp.int32),)
         shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
     except (ValueError, TypeError) as e:
@@ -94,10 +94,12 @@ def _build(kind: str, cfg: Mapping[str, Any], source: str):
 
 
 def build_configs_and_shapes(configs: Mapping[str, Mapping[str, Any]], source: str = "config"):
-    """``{'unet','vae','text_encoder'}`` configs -> (filtered configs, ``jax.eval_shape`` param trees)."""
+    """``{'unet','vae','text_encoder'}`` configs (or some of them) -> (filtered configs, ``jax.eval_shape``
+    param trees)."""
     out_cfg, out_shapes = {}, {}
     for kind in ("unet", "vae", "text_encoder"):
-        _, out_cfg[kind], out_shapes[kind] = _build(kind, configs[kind], source)
+        if kind in configs:
+            _, out_cfg[kind], out_shapes[kind] = _build(kind, configs[kind], source)
     return out_cfg, out_shapes
 
 
@@ -324,6 +326,9 @@ def export_diffusers(model: LoadedModel | tuple[Mapping, Mapping], out_dir: str 
     missing = [k for k in ("unet", "vae", "text_encoder") if k not in params or k not in config]
     if missing:
         raise ValueError(f"export_diffusers: params and config need {missing}")
+    if dict(config["text_encoder"]).get("model_type") == "ldmbert":
+        raise ValueError("export_diffusers: this model conditions on LDM's BERT text encoder, which a diffusers "
+                         "StableDiffusionPipeline folder cannot hold; sample it from its training workdir")
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
     version = _diffusers_version()

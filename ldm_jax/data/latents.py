@@ -188,7 +188,7 @@ class ModelEncoder:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
         from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
-        from ldm_jax.models.clip_text import clip_text_from_config
+        from ldm_jax.models.text_encoder import text_encoder_from_config
         from ldm_jax.models.tokenizer import PromptTokenizer
 
         cfg = loaded.config
@@ -200,7 +200,7 @@ class ModelEncoder:
         self.tokenizer = tokenizer
         kw = {} if dtype is None else {"dtype": jnp.dtype(dtype)}
         vae = vae_from_config(dict(cfg.vae), **kw)
-        text = clip_text_from_config(dict(cfg.text_encoder), **kw)
+        text = text_encoder_from_config(dict(cfg.text_encoder), **kw)
         self.mesh = Mesh(np.array(list(devices or jax.local_devices())), ("data",))
         self._rows = NamedSharding(self.mesh, P("data"))
         params = {"vae": loaded.params["vae"], "text": loaded.params["text_encoder"]}

@@ -1,4 +1,5 @@
-"""Prompt tokenization for the CLIP text encoder (wraps transformers' ``CLIPTokenizer``)."""
+"""Prompt tokenization for the text encoder (wraps transformers' ``CLIPTokenizer``, or a BERT tokenizer
+for LDM's BERT text encoder)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +15,29 @@ __all__ = ["PromptTokenizer"]
 _DEFAULT_MAX_LENGTH = 77
 
 
+def _tokenizer_class(path_or_id: str, subfolder: str | None) -> str:
+    """The ``tokenizer_class`` a tokenizer folder (local, or on the hub when reachable) names; "" if none."""
+    local = os.path.join(path_or_id, subfolder or "", "tokenizer_config.json")
+    try:
+        if not os.path.isfile(local):
+            if os.path.isdir(path_or_id):
+                return ""
+            from huggingface_hub import hf_hub_download
+
+            local = hf_hub_download(path_or_id, "tokenizer_config.json", subfolder=subfolder)
+        with open(local, encoding="utf-8") as f:
+            return str(json.load(f).get("tokenizer_class") or "")
+    except Exception:  # noqa: BLE001 - offline, no such file: the loader below says what is wrong
+        return ""
+
+
 class PromptTokenizer:
     """``tokenizer(prompts) -> int32 [B, max_length]``, as diffusers' ``StableDiffusionPipeline``.
 
     Pads to ``max_length`` (77) with the tokenizer's pad token (``<|endoftext|>`` for SD v1, ``!``
     = id 0 for SD v2) and truncates longer prompts to ``BOS + (max_length - 2) tokens + EOS`` with a
-    warning naming the number of dropped tokens. ``""`` -> ``[BOS, EOS, pad, ...]``.
+    warning naming the number of dropped tokens. ``""`` -> ``[BOS, EOS, pad, ...]``. BERT's ``[CLS]``
+    and ``[SEP]`` play BOS and EOS.
     """
 
     def __init__(self, tokenizer, max_length: int | None = None):
@@ -62,12 +80,16 @@ class PromptTokenizer:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
                         max_length: int | None = None, **kwargs) -> "PromptTokenizer":
-        """Load a ``CLIPTokenizer`` from a folder or hub id (e.g. an SD repo with ``subfolder="tokenizer"``)."""
-        from transformers import CLIPTokenizer
+        """Load a tokenizer from a folder or hub id (e.g. an SD repo with ``subfolder="tokenizer"``): the
+        slow ``CLIPTokenizer`` (the SD pipelines' own) unless its ``tokenizer_config.json`` names another
+        class (``BertTokenizer`` for LDM's BERT), then transformers' ``AutoTokenizer``."""
+        from transformers import AutoTokenizer, CLIPTokenizer
 
         if subfolder is not None:
             kwargs["subfolder"] = subfolder
-        tok = cls(CLIPTokenizer.from_pretrained(os.fspath(path_or_id), **kwargs), max_length=max_length)
+        named = _tokenizer_class(os.fspath(path_or_id), subfolder)
+        loader = CLIPTokenizer if not named or named.startswith("CLIP") else AutoTokenizer
+        tok = cls(loader.from_pretrained(os.fspath(path_or_id), **kwargs), max_length=max_length)
         saved = os.path.join(os.fspath(path_or_id), subfolder or "", "ldm_jax_placeholders.json")
         if os.path.isfile(saved):  # the multi-vector placeholders of a textual-inversion run
             with open(saved) as f:
@@ -76,11 +98,13 @@ class PromptTokenizer:
 
     @property
     def bos_token_id(self) -> int:
-        return self.tokenizer.bos_token_id
+        bos = self.tokenizer.bos_token_id
+        return self.tokenizer.cls_token_id if bos is None else bos
 
     @property
     def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.sep_token_id if eos is None else eos
 
     @property
     def pad_token_id(self) -> int:

@@ -46,7 +46,7 @@ from ldm_jax.diffusion.sampling import denoise, guided
 from ldm_jax.diffusion.schedules import NoiseSchedule, add_noise, make_schedule, min_snr_weights, training_target
 from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_jax.models import lora as lora_lib
-from ldm_jax.models.clip_text import CLIPTextModel
+from ldm_jax.models.text_encoder import context_width, text_encoder_from_config
 from ldm_jax.models.remat import policy_name
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.train import loop, optim
@@ -115,14 +115,15 @@ def _uses_latents(config) -> bool:
 
 
 def build_models(config) -> DiffusionModels:
-    """UNet (trainable, ``config.train.compute_dtype``, ``remat`` policy), frozen CLIP text encoder and VAE.
+    """UNet (trainable, ``config.train.compute_dtype``, ``remat`` policy), text encoder (frozen unless
+    ``train.train_text_encoder``; CLIP or LDMBert, :mod:`ldm_jax.models.text_encoder`) and frozen VAE.
 
     The VAE is skipped when ``config.data.source`` yields precomputed latents.
     """
     t = config.train
     dtype = _DTYPES[t.compute_dtype]
     unet = UNet2DConditionModel(**dict(config.unet), dtype=dtype, remat=policy_name(t.remat))
-    text = CLIPTextModel(**dict(config.text_encoder), dtype=dtype)
+    text = text_encoder_from_config(dict(config.text_encoder), dtype=dtype)
     vae = None if _uses_latents(config) else AutoencoderKL(**dict(config.vae), dtype=dtype)
     return DiffusionModels(unet, text, vae)
 
@@ -197,11 +198,16 @@ _TRAINABLE = ("unet", "lora", "textual_inversion")
 
 def trainable(config) -> str:
     """What the run trains (``config.train.trainable``), its settings checked: ``"unet"`` (every UNet
-    weight), ``"lora"`` (adapters, ``config.lora``) or ``"textual_inversion"`` (placeholder token
-    embeddings, ``config.textual_inversion``); in the last two the UNet is frozen."""
+    weight; with ``train.train_text_encoder`` the text encoder's too), ``"lora"`` (adapters,
+    ``config.lora``) or ``"textual_inversion"`` (placeholder token embeddings, ``config.textual_inversion``);
+    in the last two the UNet is frozen."""
     what = config.train.trainable
     if what not in _TRAINABLE:
         raise ValueError(f"config.train.trainable must be one of {_TRAINABLE}, got {what!r}")
+    if config.train.train_text_encoder and what != "unet":
+        raise ValueError(f"config.train.train_text_encoder trains the text encoder with the whole UNet "
+                         f"(trainable='unet'), not with trainable={what!r}"
+                         + (" (LoRA adapts the text encoder with config.lora.text_targets)" if what == "lora" else ""))
     if what == "lora":
         rank = config.lora.rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -232,12 +238,20 @@ def placeholder_ids(config) -> np.ndarray:
     return np.arange(vocab - n, vocab, dtype=np.int32)
 
 
+def joint_text(config) -> bool:
+    """Whether the text encoder trains with the UNet: then a state's params are ``{"unet", "text_encoder"}``."""
+    return bool(config.train.train_text_encoder)
+
+
 def adapted_weights(config, params, frozen) -> tuple[Any, Any]:
     """``(UNet params, text-encoder params)`` that a state's ``params`` (or ``ema_params``) stand for:
-    the params themselves and the frozen text encoder; (LoRA) the frozen base weights with the adapters
-    merged at ``alpha / rank``; (textual inversion) the frozen UNet and the learned placeholder rows."""
+    the params themselves and the frozen text encoder (both params, trained jointly); (LoRA) the frozen
+    base weights with the adapters merged at ``alpha / rank``; (textual inversion) the frozen UNet and
+    the learned placeholder rows."""
     what = trainable(config)
     if what == "unet":
+        if joint_text(config):
+            return params["unet"], params["text_encoder"]
         return params, frozen["text"]
     if what == "textual_inversion":
         from ldm_jax.models.textual_inversion import with_rows
@@ -281,10 +295,11 @@ def _latent_factor(config) -> int:
     return 2 ** (len(config.vae.block_out_channels) - 1)
 
 
-def make_training_inputs(config, models: DiffusionModels) -> Callable:
+def make_training_inputs(config, models: DiffusionModels, encode: bool = True) -> Callable:
     """Pure ``inputs(batch, frozen, key) -> (x_t, timesteps, context, target, weights, dropped)``: what one
     training step feeds the UNet and compares its output with (see the module docstring), drawn
-    from ``key`` (a step's key: ``fold_in(state.rng, state.step)``)."""
+    from ``key`` (a step's key: ``fold_in(state.rng, state.step)``). ``encode=False``: the caller encodes
+    the prompts itself (a trained text side): ``context`` is None, ``dropped`` the same draw."""
     prediction_type(config)  # a bad one fails here, before tracing
     gamma = float(config.train.min_snr_gamma)
     rate = float(config.train.text_dropout)
@@ -310,9 +325,11 @@ def make_training_inputs(config, models: DiffusionModels) -> Callable:
             empty = text_encoder.apply({"params": frozen["text"]}, frozen["empty_ids"][None]).context
             context = jnp.where(dropped[:, None, None], empty.astype(jnp.float32), batch["context"].astype(jnp.float32))
             context = jax.lax.stop_gradient(context)
-        else:
+        elif encode:
             context, dropped = encode_conditioning(text_encoder, frozen["text"], k_drop, batch["input_ids"],
                                                    frozen["empty_ids"], rate)
+        else:
+            context, dropped = None, text_dropout(k_drop, batch["input_ids"], frozen["empty_ids"], rate)[1]
         timesteps = jax.random.randint(k_t, (b,), 0, process.num_train_timesteps)
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
         x_t = add_noise(process, x0, eps, timesteps)
@@ -338,16 +355,19 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
     decay, ema_warmup = float(t.ema_decay), bool(t.ema_warmup)
     stages = get_stages(config)
     unet, text_encoder = models.unet, models.text_encoder
-    training_inputs = make_training_inputs(config, models)
     what = trainable(config)
-    lora = what == "lora"
-    # the prompts go through the text encoder inside the gradient: its adapters or new embeddings train
-    encode_in_loss = (lora and bool(config.lora.text_targets)) or what == "textual_inversion"
+    lora, joint = what == "lora", joint_text(config)
+    # the prompts go through the text encoder inside the gradient: its weights, adapters or new embeddings train
+    encode_in_loss = (lora and bool(config.lora.text_targets)) or what == "textual_inversion" or joint
+    training_inputs = make_training_inputs(config, models, encode=not encode_in_loss)
     scale = _lora_scale(config) if lora else 1.0
     dropout = float(config.lora.dropout) if lora else 0.0
     new_ids = placeholder_ids(config) if what == "textual_inversion" else None
 
     def predict(params, frozen, key, x_t, timesteps, context, ids):
+        if joint:
+            context = text_encoder.apply({"params": params["text_encoder"]}, ids).context.astype(unet.dtype)
+            return unet.apply({"params": params["unet"]}, x_t, timesteps, context)
         if what == "unet":
             return unet.apply({"params": params}, x_t, timesteps, context)
         if what == "textual_inversion":
@@ -369,6 +389,9 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
         return jnp.mean(weights * per_example)
 
     def train_step(state: TrainState, batch: Mapping[str, Array], frozen: Mapping[str, Any]):
+        if encode_in_loss and ("input_ids" not in batch or "context" in batch):
+            raise ValueError(f"training the text side ({'text encoder' if joint else what}) needs the prompts' "
+                             f"input_ids, not cached text context: train without data.cached_latents")
         key = jax.random.fold_in(state.rng, state.step)
         x_t, timesteps, context, target, weights, dropped = training_inputs(batch, frozen, key)
         if "loss_weight" in batch:  # per-row weights of the source (DreamBooth's prior preservation)
@@ -376,12 +399,11 @@ def make_train_step(config, models: DiffusionModels, tx: optax.GradientTransform
         b = x_t.shape[0]
         ids = jnp.zeros((b, 1), jnp.int32)  # the prompts' ids, when text-encoder adapters re-encode them
         if encode_in_loss:
-            if "input_ids" not in batch or "context" in batch:
-                raise ValueError(f"training the text side ({what}) needs the prompts' input_ids, not cached text "
-                                 f"context: train without data.cached_latents")
             ids = jnp.where(dropped[:, None], frozen["empty_ids"][None].astype(batch["input_ids"].dtype),
                             batch["input_ids"])
         key = jax.random.fold_in(key, 1)  # the adapters' dropout (training_inputs split the step key in 4)
+        if context is None:  # encoded inside the loss; a placeholder of the right rows for the micro-batch split
+            context = jnp.zeros((b, 1, 1), unet.dtype)
         inputs = (x_t, timesteps, context.astype(unet.dtype), target, weights, ids)
         if accum == 1:
             loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, key, *inputs)
@@ -452,7 +474,7 @@ def create_train_state(config, models: DiffusionModels, key: Array, latent_shape
     k_unet, k_text, k_vae, k_rng = jax.random.split(key, 4)
     unet, text_encoder, vae = models
     b = latent_shape[0]
-    ctx_dim = config.text_encoder.hidden_size
+    ctx_dim = context_width(config.text_encoder)
     ids = jnp.zeros((b, _text_length(config)), jnp.int32)
     params = _init_params(unet, k_unet, jnp.zeros(latent_shape, jnp.float32), jnp.zeros((b,), jnp.int32),
                           jnp.zeros((b, ids.shape[1], ctx_dim), jnp.float32), given="unet" in given)
@@ -462,6 +484,8 @@ def create_train_state(config, models: DiffusionModels, key: Array, latent_shape
                                                           given="vae" in given),
               "empty_ids": jnp.asarray(empty_prompt_ids(config))}
     what = trainable(config)
+    if joint_text(config):  # the text encoder trains: beside the UNet in params, EMA and optimizer state
+        params, frozen["text"] = {"unet": params, "text_encoder": frozen["text"]}, None
     if what == "textual_inversion":  # UNet and text encoder frozen; the placeholder rows train
         frozen["unet"] = params
         rows = jnp.zeros((int(config.textual_inversion.num_vectors), ctx_dim), jnp.float32)
@@ -575,16 +599,16 @@ def _dreambooth_batches(config, stage: Stage, rows, workdir):
                                         rows, seed=int(config.data.seed), prior_loss_weight=float(db.prior_loss_weight))
 
 
-def _cast_like(params, like):
+def _cast_like(params, like, what: str = "unet"):
     """``params`` (numpy, any float dtype) as ``like``'s dtypes; ValueError naming a leaf whose shape differs."""
     def cast(path, p, ref):
         if tuple(np.shape(p)) != tuple(ref.shape):
-            raise ValueError(f"pretrained UNet parameter {jax.tree_util.keystr(path)} has shape {np.shape(p)}; "
-                             f"the config's UNet has {ref.shape}")
+            raise ValueError(f"pretrained {what} parameter {jax.tree_util.keystr(path)} has shape {np.shape(p)}; "
+                             f"config.{what} gives {ref.shape}")
         return np.asarray(p, ref.dtype)
 
     if jax.tree.structure(params) != jax.tree.structure(like):
-        raise ValueError("the pretrained UNet's parameters do not match config.unet's tree")
+        raise ValueError(f"the pretrained {what}'s parameters do not match config.{what}'s tree")
     return jax.tree_util.tree_map_with_path(cast, params, like)
 
 
@@ -691,7 +715,8 @@ class DiffusionTask(loop.Task):
         if self.frozen is None:
             return aux
         merged = dict(aux)
-        merged.update({k: v for k, v in self.frozen.items() if v is not None})
+        # a jointly trained text encoder starts from the given weights in the state (prepare_state), not here
+        merged.update({k: v for k, v in self.frozen.items() if v is not None and not (k == "text" and aux[k] is None)})
         if "unet" in self.frozen:  # the LoRA base, stored in config.lora.base_dtype
             merged["unet"] = _cast_like(self.frozen["unet"], aux["unet"])
         if trainable(self.config) == "textual_inversion" and self.frozen.get("text") is not None:
@@ -714,10 +739,30 @@ class DiffusionTask(loop.Task):
             rows = init_rows(self.frozen["text"], self._init_ids, int(self.config.textual_inversion.num_vectors))
             params = {"token_embeds": jax.device_put(rows, shardings.params["token_embeds"])}
             return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
-        if p is None or p.unet is None or what != "unet":
+        if what != "unet":
             return state
-        return state.replace(params=jax.device_put(_cast_like(p.unet, state.params), shardings.params),
-                             ema_params=jax.device_put(_cast_like(p.unet_ema, state.ema_params), shardings.ema_params))
+        given_unet = p is not None and p.unet is not None
+        if not joint_text(self.config):
+            if not given_unet:
+                return state
+            return state.replace(params=jax.device_put(_cast_like(p.unet, state.params), shardings.params),
+                                 ema_params=jax.device_put(_cast_like(p.unet_ema, state.ema_params),
+                                                           shardings.ema_params))
+        text = (self.frozen or {}).get("text")
+        if not given_unet and text is None:
+            return state
+
+        def start(tree, unet):
+            new = dict(tree)
+            if given_unet:
+                new["unet"] = _cast_like(unet, tree["unet"])
+            if text is not None:
+                new["text_encoder"] = _cast_like(text, tree["text_encoder"], "text_encoder")
+            return new
+
+        return state.replace(params=jax.device_put(start(state.params, p.unet if given_unet else None), shardings.params),
+                             ema_params=jax.device_put(start(state.ema_params, p.unet_ema if given_unet else None),
+                                                       shardings.ema_params))
 
     def batch_spec(self, stage, inputs: str | None = None):
         """``stage``'s global batch as ShapeDtypeStructs. ``inputs``: ``"images"`` (pixels encoded by
@@ -733,7 +778,7 @@ class DiffusionTask(loop.Task):
             spec["image"] = ((b, r, r, c.vae.in_channels), jnp.float32)
         elif inputs == "cached":
             spec["moments"] = ((b, side, side, 2 * c.unet.in_channels), jnp.float32)
-            spec["context"] = ((b, length, c.text_encoder.hidden_size), jnp.float32)
+            spec["context"] = ((b, length, context_width(c.text_encoder)), jnp.float32)
         elif inputs == "latents":
             spec["latents"] = ((b, r, r, c.unet.in_channels), jnp.float32)
         else:
@@ -767,7 +812,10 @@ class DiffusionTask(loop.Task):
         mesh = jax.tree.leaves(aux)[0].sharding.mesh
         base = c.copy_and_resolve_references()
         base.train.trainable = "unet"  # sample the UNet given, not adapters
+        base.train.train_text_encoder = False  # ... with the text encoder given
         unet = aux["unet"] if "unet" in aux else jax.device_put(self._pretrained.unet_ema, replicated(mesh))
+        if aux["text"] is None:  # trained jointly: the class images come from the given text encoder
+            aux = dict(aux, text=jax.device_put(self.frozen["text"], replicated(mesh)))
         run = jax.jit(make_sampler(base, self.models, int(db.sample_steps), float(db.guidance)), static_argnums=4,
                       out_shardings=replicated(mesh),
                       compiler_options=loop.compiler_options(c, mesh.devices.flat[0].platform))

@@ -47,12 +47,14 @@ def _load(init) -> Any:
 def check_compatible(config) -> None:
     """The UNet must read the text encoder's conditioning and the VAE's latents: ValueError naming the
     keys otherwise."""
-    width = int(config.text_encoder.hidden_size)
+    from ldm_jax.models.text_encoder import context_width
+
+    width = context_width(config.text_encoder)
     cross = config.unet.get("cross_attention_dim", 1280)
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     if int(cross) != width:
         raise ValueError(f"config.unet.cross_attention_dim ({cross}) does not fit the text encoder's "
-                         f"config.text_encoder.hidden_size ({width}): the UNet cannot read this conditioning")
+                         f"text encoder's width ({width}): the UNet cannot read this conditioning")
     latent = int(config.vae.get("latent_channels", 4))
     unet_in, unet_out = int(config.unet.get("in_channels", 4)), int(config.unet.get("out_channels", 4))
     if unet_in not in (latent, 2 * latent + 1) or unet_out != latent:
@@ -73,24 +75,54 @@ def resolve_diffusion(config) -> Pretrained:
     if not init.pretrained:
         if init.unet == "pretrained":
             raise ValueError("config.init.unet='pretrained' needs config.init.pretrained (the weights to start from)")
-        if not init.random_encoders:
-            raise ValueError("config.init.pretrained is empty: the frozen text encoder and VAE would be random. "
-                             "Name released weights (--config.init.pretrained=DIR, a hub id, a checkpoint file or "
-                             "a training workdir) or set --config.init.random_encoders=True on purpose")
+        joint = bool(config.train.train_text_encoder)  # a random text encoder that trains is the recipe
+        if not init.random_encoders and not (init.vae and joint):
+            random = " and ".join(([] if joint else ["text encoder"]) + ([] if init.vae else ["VAE"]))
+            raise ValueError(f"config.init.pretrained is empty: the frozen {random} would be random. Name released "
+                             f"weights (--config.init.pretrained=DIR, a hub id, a checkpoint file or a training "
+                             f"workdir{'' if init.vae else '; --config.init.vae=AUTOENCODER_WORKDIR for the VAE alone'}) "
+                             f"or set --config.init.random_encoders=True on purpose")
+        out = Pretrained(config)
+        if init.vae:
+            out.frozen = {"vae": _vae_source(init, config)}
         check_compatible(config)
-        return Pretrained(config)
+        return out
     loaded = _load(init)
     source = loaded.config
     for key in ("text_encoder", "vae", "scheduler"):
         config[key] = ml_collections.ConfigDict(dict(source[key]))
     config.tokenizer = loaded.tokenizer_path or source.get("tokenizer")
     out = Pretrained(config, frozen={"text": loaded.params["text_encoder"], "vae": loaded.params["vae"]})
+    if init.vae:
+        out.frozen["vae"] = _vae_source(init, config)
     if init.unet == "pretrained":
         config.unet = ml_collections.ConfigDict(dict(source.unet))
         out.unet, out.unet_ema = _unet_and_ema(init, loaded)
     check_compatible(config)
     logging.info("init: frozen encoders%s from %s", " and the UNet" if out.unet is not None else "", init.pretrained)
     return out
+
+
+def _vae_source(init, config) -> Any:
+    """``config.init.vae``'s VAE params; its architecture (and scaling factor) replaces ``config.vae``."""
+    from ldm_jax.convert import WeightsError, load_model
+    from ldm_jax.train.workdir import is_autoencoder_workdir, load_autoencoder_workdir
+
+    try:
+        if is_autoencoder_workdir(init.vae):
+            vae_cfg, params, _ = load_autoencoder_workdir(init.vae)
+        else:
+            loaded = load_model(init.vae, allow_pickle=bool(init.allow_pickle))
+            vae_cfg, params = dict(loaded.config.vae), loaded.params["vae"]
+    except WeightsError as e:
+        raise WeightsError(f"config.init.vae={init.vae!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config.init.vae={init.vae!r}: {e}") from None
+    config.vae = ml_collections.ConfigDict(vae_cfg)
+    if float(init.vae_scaling_factor) > 0:
+        config.vae.scaling_factor = float(init.vae_scaling_factor)
+    logging.info("init: frozen VAE from %s", init.vae)
+    return params
 
 
 def _unet_and_ema(init, loaded) -> tuple[Any, Any]:

@@ -6,7 +6,8 @@ This module is the only one that knows the layout; the loop writes through it an
   workdir/config.json                     the resolved training config (rewritten at every start)
   workdir/checkpoints/<step>/state|meta   orbax checkpoints (train state; loop metadata: stage, data position)
   workdir/tensorboard/                    TensorBoard scalars and previews
-  workdir/frozen/text_encoder.safetensors diffusion: the frozen CLIP text encoder params (Flax layout, '/' keys)
+  workdir/frozen/text_encoder.safetensors diffusion: the frozen text encoder params (Flax layout, '/' keys;
+                                          absent when it trains with the UNet: then it is in the checkpoints)
   workdir/frozen/vae.safetensors          diffusion: the frozen VAE params (absent when trained on latents)
   workdir/frozen/unet.safetensors         LoRA / textual inversion: the frozen UNet
   workdir/tokenizer/                      diffusion: a copy of ``config.tokenizer`` when that is a local folder
@@ -14,8 +15,8 @@ This module is the only one that knows the layout; the loop writes through it an
 
 The frozen encoders are written once, when the workdir is created (a resumed run keeps them):
 whatever the trainer was given, in-memory params included, sampling gets the same weights.
-Loading restores only the UNet (``ema_params`` or ``params``) of one checkpoint, as host numpy
-arrays: no training mesh, no optimizer state, any device count. A LoRA run's checkpoints hold the
+Loading restores only the UNet (``ema_params`` or ``params``; with the text encoder when that
+trained) of one checkpoint, as host numpy arrays: no training mesh, no optimizer state, any device count. A LoRA run's checkpoints hold the
 adapters: loading merges them into the frozen base UNet (and text encoder) at ``alpha / rank``; a
 textual-inversion run's hold the placeholder's embeddings, set into the frozen text encoder (its
 tokenizer, with the placeholder, is ``workdir/tokenizer``); :func:`export_adapter` writes either
@@ -43,7 +44,8 @@ from ldm_jax.train.checkpoint import CheckpointManager, describe_error, quiet_or
 
 __all__ = ["CONFIG_FILE", "FROZEN_DIR", "LOCK_FILE", "WorkdirLocked", "WorkdirLock", "TOKENIZER_DIR", "CHECKPOINTS_DIR", "TENSORBOARD_DIR", "is_training_workdir",
            "write_config", "write_frozen", "tensorboard_dir", "open_checkpoints", "checkpoint_steps", "restore_unet_params",
-           "write_tokenizer", "load_workdir", "export_adapter"]
+           "write_tokenizer", "load_workdir", "export_adapter",
+           "is_autoencoder_workdir", "load_autoencoder_workdir"]
 
 CONFIG_FILE = "config.json"
 FROZEN_DIR = "frozen"
@@ -273,6 +275,11 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
       WeightsError: the checkpoint (``step``, or every one) cannot be read (corrupt, truncated, not a
         diffusion train state).
     """
+    return _restore_params(workdir, step, "ema_params" if ema else "params", "a diffusion train state")
+
+
+def _restore_params(workdir: str | os.PathLike, step: int | None, key: str, kind: str) -> tuple[dict, int]:
+    """The ``key`` subtree of checkpoint ``step`` (or the newest readable one) as numpy, and its step."""
     workdir = os.fspath(workdir)
     steps = checkpoint_steps(workdir)
     ckpt_dir = storage.join(workdir, CHECKPOINTS_DIR)
@@ -283,7 +290,6 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
         raise FileNotFoundError(f"training workdir {workdir!r} has no complete checkpoint of step {step}; "
                                 f"complete checkpoints: {steps}")
     candidates = [int(step)] if step is not None else steps[::-1]
-    key = "ema_params" if ema else "params"
     reasons = []
     with quiet_orbax():  # its warnings about read-only managers
         mngr = CheckpointManager(ckpt_dir, read_only=True)
@@ -292,7 +298,7 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
                 try:
                     params = mngr.restore_subtree(s, key)
                 except KeyError as e:
-                    raise WeightsError(f"{e.args[0]}; is it a diffusion train state?") from None
+                    raise WeightsError(f"{e.args[0]}; is it {kind}?") from None
                 except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
                     reasons.append((s, describe_error(e)))
                     if step is None:
@@ -307,6 +313,31 @@ def restore_unet_params(workdir: str | os.PathLike, step: int | None = None, *, 
                            f"{reasons[0][1]}")
     raise WeightsError(f"checkpoints in {ckpt_dir!r} cannot be read (corrupt or truncated?): "
                        + "; ".join(f"step {s}: {why}" for s, why in reasons))
+
+
+def is_autoencoder_workdir(path: str | os.PathLike) -> bool:
+    """A training workdir of the autoencoder task (its ``config.json`` says ``task: autoencoder``)."""
+    path = os.fspath(path)
+    if not is_training_workdir(path) or not storage.isfile(storage.join(path, CONFIG_FILE)):
+        return False
+    return _read_config(path).get("task") == "autoencoder"
+
+
+def load_autoencoder_workdir(path: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, int]:
+    """An autoencoder training workdir's VAE: ``(vae config, params as numpy, step)`` of checkpoint
+    ``step`` (default the newest readable one), e.g. the first stage a diffusion run then trains on
+    (``config.init.vae``)."""
+    workdir = os.fspath(path)
+    cfg = _read_config(workdir)
+    if cfg.get("task") != "autoencoder" or "vae" not in cfg:
+        raise WeightsError(f"{workdir!r} is not an autoencoder training workdir (its {CONFIG_FILE} has task "
+                           f"{cfg.get('task')!r})")
+    params, step = _restore_params(workdir, step, "params", "an autoencoder train state")
+    if "ae" not in params:
+        raise WeightsError(f"checkpoint {step} in {workdir!r} holds {sorted(params)}, not an autoencoder's 'ae' params")
+    configs, shapes = build_configs_and_shapes({"vae": cfg.vae.to_dict()}, storage.join(workdir, CONFIG_FILE))
+    _check_tree(params["ae"], shapes["vae"], f"autoencoder params of checkpoint {step} in {workdir!r}")
+    return dict(cfg.vae.to_dict(), **configs["vae"]), params["ae"], step
 
 
 def _read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -379,8 +410,16 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     cfg = _read_config(workdir)
     configs, shapes = _model_shapes(workdir, cfg)
     unet, step = restore_unet_params(workdir, step, ema=ema)
-    text = _read_frozen(workdir, "text", shapes["text_encoder"])
     what = _trained(cfg)
+    if _joint_text(cfg):  # the text encoder trained with the UNet: both in the checkpoint
+        if set(unet) != {"unet", "text_encoder"}:
+            raise WeightsError(f"checkpoint {step} in {workdir!r}: a run with train.train_text_encoder holds "
+                               f"{{unet, text_encoder}}, got {sorted(unet)}")
+        unet, text = unet["unet"], unet["text_encoder"]
+        _check_tree(text, shapes["text_encoder"], f"text encoder {'EMA ' if ema else ''}params of checkpoint "
+                                                  f"{step} in {workdir!r}")
+    else:
+        text = _read_frozen(workdir, "text", shapes["text_encoder"])
     if what == "lora":
         unet, text = _merge_adapters(cfg, unet, _read_frozen(workdir, "unet", shapes["unet"]), text,
                                      f"LoRA adapters of checkpoint {step} in {workdir!r}")
@@ -408,6 +447,11 @@ def load_workdir(path: str | os.PathLike, *, step: int | None = None, ema: bool 
     config.checkpoint = dict(workdir=workdir if storage.is_remote(workdir) else os.path.abspath(workdir), step=step,
                              ema=bool(ema))
     return LoadedModel(config, params, tokenizer_path, workdir)
+
+
+def _joint_text(cfg) -> bool:
+    """Whether a diffusion run trained its text encoder with the UNet (``config.train.train_text_encoder``)."""
+    return bool(cfg.train.get("train_text_encoder", False)) if "train" in cfg else False
 
 
 def _trained(cfg) -> str:
