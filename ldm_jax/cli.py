@@ -57,6 +57,8 @@ def cmd_sample(args) -> None:
         tokenizer=args.tokenizer,
         lora=args.lora or (),
         embeddings=args.textual_inversion or (),
+        expand_prompt=args.expand_prompt,
+        expansion_temperature=args.expansion_temperature,
     )
 
 
@@ -69,7 +71,8 @@ def cmd_serve(args) -> None:
                          api_key=args.api_key or os.environ.get("LDM_JAX_API_KEY", ""),
                          warmup=tuple(args.warmup or ()))
     run_server(args.model, host=args.host, port=args.port, config=config, dtype=args.dtype, lora=args.lora or (),
-               embeddings=args.textual_inversion or (), allow_pickle=args.allow_pickle)
+               embeddings=args.textual_inversion or (), allow_pickle=args.allow_pickle,
+               expand_prompt=args.expand_prompt)
 
 
 def cmd_train(args, overrides) -> int:
@@ -185,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--textual-inversion", action="append", metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (learned_embeds.safetensors or its folder; A1111 "
                         ".safetensors), optionally renamed to TOKEN; repeat for several")
+    s.add_argument("--expand-prompt", default=None, metavar="SRC",
+                   help="continue each prompt with this GPT-2 (a transformers GPT2LMHeadModel folder or hub id) "
+                        "first; prompts.json lists each image's prompt and expanded prompt")
+    s.add_argument("--expansion-temperature", type=float, default=1.0,
+                   help="sampling temperature of --expand-prompt (0: greedy)")
     _add_checkpoint_args(s)
     s.add_argument("--out", required=True)
 
@@ -209,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-images", type=int, default=16, help="largest batch_size x n_iter of one request")
     v.add_argument("--max-body-mb", type=float, default=32.0)
     v.add_argument("--api-key", default=None, help="require this key (or set LDM_JAX_API_KEY)")
+    v.add_argument("--expand-prompt", default=None, metavar="SRC",
+                   help="continue prompts with this GPT-2 (folder or hub id) unless a request sets "
+                        "\"expand_prompt\": false; the response's info holds the expanded prompt")
 
     t = sub.add_parser("train", help="train the task of a config (diffusion UNet, KL/VQ autoencoder)")
     t.add_argument("--config", required=True, help="a packaged recipe (sd_v1_train, sd_autoencoder, tiny_train, ...) "

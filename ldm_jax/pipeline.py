@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -35,6 +36,7 @@ from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
 from ldm_jax.models.text_encoder import text_encoder_from_config
 from ldm_jax.models.tokenizer import PromptTokenizer
 from ldm_jax.models.unet import unet_from_config
+from ldm_jax.prompt_expansion import PromptExpander
 from ldm_jax.runtime import jit_compiler_options
 
 # ----------------------------------------------------------------------------- images in and out
@@ -208,6 +210,10 @@ def denoise_loop(unet, spec: LoopSpec) -> Callable:
     return run
 
 
+_NO_EXPANDER = ("no prompt expander loaded: load_prompt_expander(SRC) first (a GPT-2 folder or hub id; "
+                "`ldm-jax sample/serve --expand-prompt SRC`)")
+
+
 class StableDiffusionPipeline:
     """Text-to-image / img2img / inpainting with a UNet, a KL autoencoder and a CLIP text encoder.
 
@@ -258,6 +264,7 @@ class StableDiffusionPipeline:
         self._encode_text = jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids).context)
         self._decode = jit(self._decode_latents)
         self._encode_image = jit(self._encode_pixels, static_argnames=("sample",))
+        self.prompt_expander = None  # a PromptExpander (load_prompt_expander)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -324,6 +331,47 @@ class StableDiffusionPipeline:
         self.text_encoder = self.text_encoder.clone(vocab_size=table.shape[0] + vectors.shape[0])
         self._refresh()
         return name
+
+    # -- prompt expansion ------------------------------------------------------------------
+
+    def load_prompt_expander(self, src: str | PromptExpander, *, allow_pickle: bool = False,
+                             **kwargs) -> PromptExpander:
+        """Expand prompts with a GPT-2 (a transformers ``GPT2LMHeadModel`` folder or hub id, or a
+        :class:`~ldm_jax.prompt_expansion.PromptExpander`): :meth:`expand_prompts`, ``expand_prompt=True``.
+        ``kwargs`` go to ``PromptExpander.from_pretrained``. Returns the expander."""
+        if not isinstance(src, PromptExpander):
+            src = PromptExpander.from_pretrained(src, allow_pickle=allow_pickle, **kwargs)
+        self.prompt_expander = src
+        return src
+
+    def expand_prompts(self, prompts: str | Sequence[str], *, temperature: float = 1.0, top_k: int = 50,
+                       top_p: float = 1.0, max_new_tokens: int | None = None,
+                       seed: int | Sequence[int] = 0) -> list[str]:
+        """Each prompt continued by the loaded expander (:meth:`PromptExpander.expand
+        <ldm_jax.prompt_expansion.PromptExpander.expand>`): pass the result as the prompts to keep
+        them with the images."""
+        if self.prompt_expander is None:
+            raise ValueError(_NO_EXPANDER)
+        return self.prompt_expander.expand(prompts, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           max_new_tokens=max_new_tokens, seed=seed)
+
+    def _expanded(self, prompt, expand_prompt, temperature: float, seed, num_images_per_prompt: int) -> list[str]:
+        """``__call__``'s prompts expanded: each with its first image's seed."""
+        expander = self.prompt_expander
+        if isinstance(expand_prompt, PromptExpander):
+            expander = expand_prompt
+        elif expand_prompt is True:
+            if expander is None:
+                raise ValueError(_NO_EXPANDER)
+        elif expander is None or expander.source != expand_prompt:
+            expander = self.load_prompt_expander(expand_prompt)  # a source: loaded once, kept
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            if len(seed) != len(prompts) * num_images_per_prompt:
+                raise ValueError(f"seed: one for the batch or one per image ({len(prompts) * num_images_per_prompt}), "
+                                 f"got {len(seed)}")
+            seed = [int(s) for s in seed[::num_images_per_prompt]]
+        return expander.expand(prompts, temperature=temperature, seed=seed)
 
     @staticmethod
     def _check_scale(name, scale):
@@ -592,7 +640,8 @@ class StableDiffusionPipeline:
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                  guidance_scale: float | Sequence[float] = 7.5, guidance_rescale: float = 0.0,
                  sampler: str = "ddim", seed: int | Sequence[int] = 0, latents: Any = None,
-                 num_images_per_prompt: int = 1, output_type: str = "pil", sampler_options: dict | None = None):
+                 num_images_per_prompt: int = 1, output_type: str = "pil", sampler_options: dict | None = None,
+                 expand_prompt: bool | str | PromptExpander | None = None, expansion_temperature: float = 1.0):
         """Text-to-image.
 
         Args:
@@ -603,11 +652,17 @@ class StableDiffusionPipeline:
             (NCHW, as diffusers); it is multiplied by the sampler's ``init_noise_sigma``.
           sampler: one of ``ldm_jax.diffusion.SAMPLERS`` (or an alias: plms, dpm++).
           output_type: ``"pil"`` (list of images), ``"np"`` (float ``[B,H,W,3]`` in [0,1]) or ``"latent"``.
+          expand_prompt: continue each prompt with a GPT-2 first: True (the :meth:`load_prompt_expander`
+            one), a :class:`~ldm_jax.prompt_expansion.PromptExpander`, or a GPT-2 folder / hub id (loaded
+            once and kept); sampled at ``expansion_temperature`` with each prompt's (first image's) seed.
+            To keep the expanded prompts, call :meth:`expand_prompts` and pass its result instead.
         Returns:
           Images as selected by ``output_type``.
         """
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if expand_prompt is not None and expand_prompt is not False:
+            prompt = self._expanded(prompt, expand_prompt, expansion_temperature, seed, num_images_per_prompt)
         inputs = self.prepare_txt2img(prompt, negative_prompt, height=height, width=width,
                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                       guidance_rescale=guidance_rescale, sampler=sampler, seed=seed, latents=latents,
@@ -759,14 +814,17 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
                   sampler: str = "ddim", seed: int = 0, init_image=None, strength: float | None = None, mask=None,
                   dtype: str = "float32", allow_pickle: bool = False, step: int | None = None,
                   ema: bool | None = None, tokenizer: str | None = None, lora: Sequence[str] = (),
-                  embeddings: Sequence[str] = ()) -> list[str]:
+                  embeddings: Sequence[str] = (), expand_prompt: str | None = None,
+                  expansion_temperature: float = 1.0) -> list[str]:
     """What ``ldm-jax sample`` does: load, sample (txt2img / img2img / inpaint), write PNGs and a grid.
 
     ``lora``: ``"FILE[:SCALE]"`` items (:func:`parse_lora_arg`), each loaded and active at its scale;
     ``embeddings``: ``"FILE[:TOKEN]"`` textual-inversion embeddings (the file's token, or TOKEN).
     ``strength``: img2img and inpainting (default 0.75 and 1.0, as their methods). ``step``/``ema``:
     checkpoint and EMA/raw weights when ``model`` is a training workdir; ``tokenizer`` replaces the
-    model's own. Images are written atomically (a temporary file renamed)."""
+    model's own. Images are written atomically (a temporary file renamed). ``expand_prompt``: a GPT-2
+    folder or hub id continuing each prompt first (seed ``seed + k`` for prompt k, as its images);
+    ``prompts.json`` then lists each image with its prompt and expanded prompt."""
     from tqdm.auto import tqdm
 
     prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt, (list, tuple)) else list(prompt)
@@ -784,11 +842,16 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
     mask_img = _open_image(mask, "L", "--mask") if mask is not None else None
     pipe = load_pipeline(model, dtype=dtype, allow_pickle=allow_pickle, step=step, ema=ema, tokenizer=tokenizer,
                          lora=lora, embeddings=embeddings)
+    if expand_prompt:
+        pipe.load_prompt_expander(expand_prompt, allow_pickle=allow_pickle)
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                   num_images_per_prompt=num_images)
     os.makedirs(out_dir, exist_ok=True)
-    written, images = [], []
-    for k, p in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
+    written, images, records = [], [], []
+    for k, original in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
+        p = original
+        if expand_prompt:
+            p = pipe.expand_prompts(original, temperature=expansion_temperature, seed=seed + k)[0]
         if mask_img is not None:
             out = pipe.inpaint(p, img, mask_img, negative_prompt, seed=seed + k,
                                strength=1.0 if strength is None else strength, **common)
@@ -801,7 +864,13 @@ def sample_to_dir(model: str, prompt, out_dir: str, *, negative_prompt=None, num
             path = os.path.join(out_dir, f"{k:03d}_{j:02d}.png")
             _save_png(im, path)
             written.append(path)
+            records.append(dict(image=os.path.basename(path), prompt=original, expanded_prompt=p, seed=seed + k))
         images.extend(out)
     grid = os.path.join(out_dir, "grid.png")
     _save_png(make_grid(images, cols=num_images if len(prompts) > 1 else None), grid)
+    if expand_prompt:
+        meta = os.path.join(out_dir, "prompts.json")
+        with open(meta, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1)
+        return written + [grid, meta]
     return written + [grid]

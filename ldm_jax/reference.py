@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ldm_jax.tiny_tokenizer import VOCAB_SIZE, write_tiny_clip_tokenizer
+from ldm_jax.tiny_tokenizer import VOCAB_SIZE, write_tiny_clip_tokenizer, write_tiny_gpt2_tokenizer
 
 # name -> (unet kwargs, vae kwargs, text kwargs); all diffusers/transformers config names.
 VARIANTS = {
@@ -107,3 +107,31 @@ def write_reference_folder(path: str, variant: str = "v1", *, seed: int = 0, inp
     os.makedirs(path, exist_ok=True)
     pipe.save_pretrained(path, safe_serialization=True)
     return os.fspath(path)
+
+
+def write_reference_gpt2(path: str, *, seed: int = 0, n_embd: int = 32, n_layer: int = 2, n_head: int = 4,
+                         n_positions: int = 64, scale: float = 0.3, safe_serialization: bool = True) -> str:
+    """Write a random transformers ``GPT2LMHeadModel`` with the tiny GPT-2 tokenizer into ``path``
+    (``save_pretrained``: ``model.safetensors``, or ``pytorch_model.bin`` without ``safe_serialization``)
+    and return it. ``scale``: the weights' spread; large enough that the next token's logits are
+    far apart, so greedy decoding does not hang on float rounding."""
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = os.fspath(path)
+    write_tiny_gpt2_tokenizer(path, model_max_length=n_positions)
+    with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    eos = vocab["<|endoftext|>"]
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(vocab), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, bos_token_id=eos, eos_token_id=eos)
+    model = randomise_(GPT2LMHeadModel(cfg), seed, scale=scale)
+    with torch.no_grad():  # LayerNorm scales near 1 (randomise_ knows them by "norm" in the name)
+        for name, p in model.named_parameters():
+            if ".ln_" in name and name.endswith("weight"):
+                p.add_(1.0)
+    model.save_pretrained(path, safe_serialization=safe_serialization)
+    return path

@@ -11,18 +11,22 @@ PyTorch key (dots)          Flax path (tuple)            value
 ``a.weight`` (norm)         ``('a', 'scale')``           unchanged
 ``a.weight`` (embedding)    ``('a', 'embedding')``       unchanged
 ``a.bias``                  ``('a', 'bias')``            unchanged
-``a.<other>``               ``('a', '<other>')``         unchanged (e.g. a learned scalar)
+``a.<other>``               ``('a', '<other>')``         unchanged (e.g. a learned scalar, or
+                                                         GPT-2's ``Conv1D`` ``weight``, stored
+                                                         ``[in, out]`` already)
 ==========================  ===========================  ==================================
 
 A numeric component of a PyTorch key is joined to the one before it with ``_``
 (``down_blocks.0`` <-> ``down_blocks_0``), as ``nn.ModuleList`` indices become Flax names.
 The Flax leaf name (``kernel``/``scale``/``embedding``) is read off the target parameter tree,
-so the table needs no per-model exceptions. A 1x1 conv stored where a linear layer is expected
-(old VAE attention checkpoints) is squeezed to a matrix.
+so the table needs no per-model exceptions; names that end in ``_<digit>`` without being an
+index (``linear_1``, GPT-2's ``ln_1``) are listed in ``_LITERAL_NAMES``. A 1x1 conv stored where
+a linear layer is expected (old VAE attention checkpoints) is squeezed to a matrix.
 
 The per-model entry points (:func:`autoencoder_params_from_torch`, :func:`clip_text_params_from_torch`,
-:func:`clip_params_from_torch`) only add what a model's checkpoints carry beyond the table: buffers
-to drop, a key prefix to restore. The UNet needs none and uses :func:`torch_to_flax` directly.
+:func:`clip_params_from_torch`, :func:`gpt2_params_from_torch`) only add what a model's checkpoints
+carry beyond the table: buffers to drop, a key prefix to restore. The UNet needs none and uses
+:func:`torch_to_flax` directly.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ __all__ = [
     "autoencoder_params_from_torch",
     "clip_text_params_from_torch",
     "clip_params_from_torch",
+    "gpt2_params_from_torch",
 ]
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
@@ -68,7 +73,8 @@ def torch_key_to_flax_path(key: str, leaf: str | None = None) -> tuple[str, ...]
 
 _INDEXED = re.compile(r"^(.*\D)_(\d+)$")
 # PyTorch attribute names that themselves end in ``_<digit>`` (not list indices), kept whole.
-_LITERAL_NAMES = frozenset({"linear_1", "linear_2"})  # diffusers TimestepEmbedding
+_LITERAL_NAMES = frozenset({"linear_1", "linear_2",  # diffusers TimestepEmbedding
+                            "ln_1", "ln_2"})  # transformers GPT2Block
 
 
 def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
@@ -204,6 +210,25 @@ def clip_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, A
     collection (arrays or ``jax.eval_shape`` structs). Raises ``WeightsError``.
     """
     return torch_to_flax(state_dict, target, source=source, ignore=(r"position_ids$",), dtype=dtype)
+
+
+# Not parameters: the causal-mask buffers of old GPT-2 checkpoints, and the LM head tied to ``wte``.
+_GPT2_BUFFERS = (r"(^|\.)attn\.(masked_)?bias$", r"^lm_head\.weight$")
+
+
+def gpt2_params_from_torch(state_dict: Mapping[str, Any], target: Mapping[str, Any], *,
+                           source: str = "GPT-2 state dict", dtype: Any = None) -> dict:
+    """Map a transformers ``GPT2LMHeadModel`` state dict onto ``ldm_jax.models.gpt2.GPT2LMHeadModel``
+    params ``target``.
+
+    Accepts keys with the ``transformer.`` prefix or without it (``GPT2Model`` layout, the original
+    ``gpt2`` files); drops the ``attn.bias``/``attn.masked_bias`` buffers and ``lm_head.weight`` (tied
+    to ``wte``). ``Conv1D`` weights go through the table untransposed (their Flax leaf is ``weight``).
+    ``target``: the ``params`` collection (arrays or ``jax.eval_shape`` structs). Raises ``WeightsError``.
+    """
+    state_dict = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+                  for k, v in state_dict.items()}
+    return torch_to_flax(state_dict, target, source=source, ignore=_GPT2_BUFFERS, dtype=dtype)
 
 
 def _preview(items: list[str], n: int = 8) -> str:

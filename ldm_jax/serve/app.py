@@ -205,6 +205,8 @@ class Server:
             for bucket in self.batcher.buckets:
                 rows = [Row("", "", i, 7.0) for i in range(bucket)]
                 self._run(key, rows)
+        if self.pipe.prompt_expander is not None:  # one compilation serves every prompt
+            self.pipe.expand_prompts("", max_new_tokens=1)
         self.ready = True
         self.m_ready.set(1)
 
@@ -263,20 +265,38 @@ class Server:
                                                    f"{im.shape[1]}x{im.shape[0]}: they must be the same size")
                 mask, mode = _resize(raw_mask, width, height), "inpaint"
             init = [_resize(im, width, height) for im in decoded]
+        expand = req.get("expand_prompt")
+        if expand is None:
+            expand = self.pipe.prompt_expander is not None  # the server was started with --expand-prompt
+        elif not isinstance(expand, bool):
+            raise RequestError("expand_prompt", "must be true or false")
+        elif expand and self.pipe.prompt_expander is None:
+            raise RequestError("expand_prompt", "this server has no prompt expander "
+                                                "(ldm-jax serve --expand-prompt SRC)")
         warnings = []
         for name, text in (("prompt", prompt), ("negative_prompt", negative)):
             note = self.pipe.tokenizer.truncation(text)
-            if note:
+            if note and not (expand and name == "prompt"):  # the expanded prompt is checked instead
                 warnings.append(f"{name}: {note}")
         key = BatchKey(mode, height, width, steps, sampler, cfg > 1.0, tuple(sorted(options.items())),
                        strength if mode != "txt2img" else 1.0)
         rows = [Row(prompt, negative, seed + i, cfg, None if init is None else init[i % len(init)], mask)
                 for i in range(n)]
         used = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
-                    seed=seed, sampler_name=sampler_name, batch_size=batch_size, n_iter=n_iter)
+                    seed=seed, sampler_name=sampler_name, batch_size=batch_size, n_iter=n_iter, expand_prompt=expand)
         if mode != "txt2img":
             used["denoising_strength"] = strength
         return key, rows, dict(used=used, warnings=warnings)
+
+    def expand(self, rows: list[Row], info: dict) -> list[Row]:
+        """``rows`` with the request's prompt expanded (seeded with its first image's seed), recorded in
+        ``info`` as ``used["expanded_prompt"]``; blocking (GPT-2 decoding): call it off the event loop."""
+        expanded = self.pipe.expand_prompts(rows[0].prompt, seed=rows[0].seed)[0]
+        info["used"]["expanded_prompt"] = expanded
+        note = self.pipe.tokenizer.truncation(expanded)
+        if note:
+            info["warnings"].insert(0, f"expanded prompt: {note}")
+        return [dataclasses.replace(r, prompt=expanded) for r in rows]
 
     def remember(self, prompt: str, image_b64: str, seed: int) -> None:
         with self._lock:
@@ -394,6 +414,8 @@ def create_app(server: Server, warm_up: bool = False):
         try:
             req = await body_json(request)
             key, rows, info = server.rows_for(req, mode)
+            if info["used"]["expand_prompt"]:
+                rows = await asyncio.to_thread(server.expand, rows, info)
             images = await server.generate(key, rows)
         except RequestError as e:
             headers = {"Retry-After": "1"} if e.status in (429, 503) else None
@@ -411,7 +433,7 @@ def create_app(server: Server, warm_up: bool = False):
                     all_prompts=[r.prompt for r in rows], sampler_name=used["sampler_name"], steps=used["steps"],
                     cfg_scale=used["cfg_scale"], width=used["width"], height=used["height"],
                     sd_model_name=server.model_name, warnings=info["warnings"],
-                    truncated=bool(info["warnings"]))
+                    truncated=bool(info["warnings"]), expanded_prompt=used.get("expanded_prompt"))
         return {"images": encoded, "parameters": used, "info": json.dumps(meta)}
 
     @app.post("/sdapi/v1/txt2img")
@@ -478,9 +500,11 @@ def _page() -> str:
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
                dtype: str = "float32", lora=(), embeddings=(), allow_pickle: bool = False,
-               log_level: str = "info") -> None:
+               log_level: str = "info", expand_prompt: str | None = None) -> None:
     """What ``ldm-jax serve`` does: load ``model``, start answering (``/healthz`` says 503 until the warm-up
-    compiles are done), serve until interrupted. Binds ``host`` (loopback unless another is asked for)."""
+    compiles are done), serve until interrupted. Binds ``host`` (loopback unless another is asked for).
+    ``expand_prompt``: a GPT-2 folder or hub id expanding each request's prompt unless the request sets
+    ``"expand_prompt": false``."""
     import uvicorn
 
     from ldm_jax.pipeline import load_pipeline
@@ -491,6 +515,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, config:
         sampler_for(parse_warmup(spec)[2])
     enable_compilation_cache()  # a restart skips the warm-up's compiles
     pipe = load_pipeline(model, dtype=dtype, lora=lora, embeddings=embeddings, allow_pickle=allow_pickle)
+    if expand_prompt:
+        pipe.load_prompt_expander(expand_prompt, allow_pickle=allow_pickle)
     server = Server(pipe, config, model_name=model)
     app = create_app(server, warm_up=True)
 
