@@ -83,8 +83,12 @@ def test_captions_name_the_attributes_and_never_contradict():
 def test_prompt_and_parser():
     for c in F.ALL_COMBOS:
         attrs = F.attrs_from_combo(c)
-        assert F.parse_caption(F.prompt_for(attrs)) == attrs
-    assert F.prompt_for(BASES[0]) == "The person has black hair, no eyeglasses, no smile, no hat, no beard, and no lipstick."
+        assert F.parse_caption(F.prompt_for(attrs, negations=True)) == attrs
+        assert F.parse_caption(F.prompt_for(attrs)) == {k: v for k, v in attrs.items() if k == "hair" or v}
+    assert F.prompt_for(BASES[0]) == "The person has black hair."
+    assert (F.prompt_for(BASES[0], negations=True)
+            == "The person has black hair, no eyeglasses, no smile, no hat, no beard, and no lipstick.")
+    assert F.prompt_for(dict(BASES[0], hat=1, lipstick=1)) == "The person has black hair, a hat, and lipstick."
     assert F.parse_caption("She has red lipstick and brown hair.") == {"hair": 2, "lipstick": 1}
     assert F.parse_caption("This man is clean-shaven and is not wearing a hat.") == {"beard": 0, "hat": 0}
     with pytest.raises(ValueError, match="both ways"):

@@ -36,8 +36,10 @@ captions mostly name present attributes); an absent one is stated negatively ("h
 not wearing a hat") with probability :data:`NEGATIVE_MENTION_P`, else omitted. Hence a caption never
 leaves a present attribute unsaid: an omitted attribute always means "absent", a negated one too,
 and the model can learn both "no hat" and "hat unspecified" as "no hat". The evaluation prompt
-(:func:`prompt_for`) names every attribute, absent ones negatively; its form is also one of the
-caption templates, so it is in the training distribution (for the seen combinations).
+(:func:`prompt_for`) names the hair and the present attributes, as the captions do; its form is also
+one of the caption templates, so it is in the training distribution (for the seen combinations).
+``prompt_for(..., negations=True)`` also states every absent one: a test of reading negation, which a
+text encoder trained from nothing on these captions learns last (a bag of words reads "no hat" as "hat").
 """
 from __future__ import annotations
 
@@ -94,7 +96,9 @@ HELDOUT_COMBOS = frozenset(c for c in ALL_COMBOS if sum((k + 1) * v for k, v in 
 TRAIN_COMBOS = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
 _HELDOUT_LIST = tuple(c for c in ALL_COMBOS if c in HELDOUT_COMBOS)
 
-NEGATIVE_MENTION_P = 0.5  # chance that a caption states an absent attribute negatively
+# chance that a caption states an absent attribute negatively: MM-CelebA-HQ's captions name what a face
+# has and seldom what it lacks (CelebA's No_Beard is the one attribute phrased as an absence)
+NEGATIVE_MENTION_P = 0.2
 CANONICAL_P = 0.15  # chance that a caption uses prompt_for's form
 
 
@@ -255,13 +259,15 @@ def _gender(a: Mapping[str, int], rng: np.random.Generator) -> str:
     return _pick(("man", "woman", "person"), rng)
 
 
-def prompt_for(attrs: Mapping) -> str:
-    """The canonical prompt naming every attribute (absent ones negatively), for evaluation:
-    e.g. ``The person has blond hair, eyeglasses, no smile, a hat, no beard, and lipstick.``"""
+def prompt_for(attrs: Mapping, negations: bool = False) -> str:
+    """The canonical prompt, for evaluation: the hair and every present attribute, as the dataset's
+    captions name them (``The person has blond hair, eyeglasses, a hat, and lipstick.``: an attribute
+    left out is absent); ``negations=True`` states the absent ones too (``..., no smile, ..., no beard,
+    ...``), which asks the text encoder to read negation."""
     a = normalize_attrs(attrs)
     nouns = [f"{ATTRIBUTES['hair'][a['hair']]} hair"]
     nouns += [(_POSITIVE if a[k] else _NEGATIVE)[k][0][1] if k != "smiling" else ("a smile" if a[k] else "no smile")
-              for k in BINARY_ATTRIBUTES]
+              for k in BINARY_ATTRIBUTES if a[k] or negations]
     return f"The person has {_join(nouns)}."
 
 
@@ -369,7 +375,7 @@ def labels_from_attrs(attrs_list) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ the writer
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: absent attributes stated in 20% of mentions, not 50%
 _MANIFEST = "manifest.json"
 
 
