@@ -137,9 +137,16 @@ def cmd_plan(args, overrides) -> None:
 
 
 def cmd_demo(args, overrides) -> None:
-    from ldm_jax.examples.shapes_demo import run_demo
+    if args.recipe == "faces":
+        from ldm_jax.examples.faces_demo import run_faces_demo as run
+    else:
+        from ldm_jax.examples.shapes_demo import run_demo as run
 
-    run_demo(out_dir=args.out, config_path=args.config, overrides=overrides, rebuild=args.rebuild, seed=args.seed)
+    run(out_dir=args.out or _DEMO_OUT[args.recipe], config_path=args.config, overrides=overrides,
+        rebuild=args.rebuild, seed=args.seed)
+
+
+_DEMO_OUT = {"shapes": "demo_out", "faces": "demo_faces_out"}
 
 
 def cmd_eval(args) -> None:
@@ -280,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--attention", default="auto", help="the UNet's attention implementation (auto, pallas, xla, ...)")
 
     d = sub.add_parser("demo", help="end to end: data, autoencoder, diffusion, samples, evaluation, report")
-    d.add_argument("--out", default="demo_out")
+    d.add_argument("--recipe", choices=sorted(_DEMO_OUT), default="shapes",
+                   help="shapes: text-to-image on shapes_captions (make demo); faces: text-to-face with a jointly "
+                        "trained BERT encoder on cartoon faces (the celebahq_text2face recipe's twin)")
+    d.add_argument("--out", default=None, help="default: demo_out (shapes), demo_faces_out (faces)")
     d.add_argument("--config", default=None)
     d.add_argument("--rebuild", action="store_true", help="redo every stage instead of reusing outputs")
     d.add_argument("--seed", type=int, default=None,

@@ -47,14 +47,15 @@ def _load(init) -> Any:
 def check_compatible(config) -> None:
     """The UNet must read the text encoder's conditioning and the VAE's latents: ValueError naming the
     keys otherwise."""
-    from ldm_jax.models.text_encoder import context_width
+    from ldm_jax.models.text_encoder import context_width, is_ldmbert
 
     width = context_width(config.text_encoder)
+    key = "d_model" if is_ldmbert(config.text_encoder) else "hidden_size"
     cross = config.unet.get("cross_attention_dim", 1280)
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     if int(cross) != width:
         raise ValueError(f"config.unet.cross_attention_dim ({cross}) does not fit the text encoder's "
-                         f"text encoder's width ({width}): the UNet cannot read this conditioning")
+                         f"config.text_encoder.{key} ({width}): the UNet cannot read this conditioning")
     latent = int(config.vae.get("latent_channels", 4))
     unet_in, unet_out = int(config.unet.get("in_channels", 4)), int(config.unet.get("out_channels", 4))
     if unet_in not in (latent, 2 * latent + 1) or unet_out != latent:
