@@ -25,7 +25,6 @@ kernel is ``params['decoder']['conv_out']['kernel']`` (:data:`LAST_LAYER`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.attention import dot_product_attention
 from ldm_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from ldm_jax.models.config_file import read_model_config
 from ldm_jax.models.remat import remat
 
 __all__ = [
@@ -549,18 +549,8 @@ class VQModel(_Autoencoder):
 # Construction
 
 
-def _read_config(config):
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return dict(config)
-
-
 def _from_config(cls, config, overrides):
-    cfg = _read_config(config)
+    cfg = read_model_config(config)
     fields = set(cls.__dataclass_fields__) - {"parent", "name"}
     out = {}
     for k, v in cfg.items():

@@ -11,7 +11,6 @@ layer passed through the final LayerNorm. ``hidden_layer`` picks which one is re
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, NamedTuple
 
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.attention import causal_mask, dot_product_attention
+from ldm_jax.models.config_file import read_model_config
 
 __all__ = [
     "CLIPTextOutput",
@@ -251,12 +251,7 @@ def clip_text_from_config(config: Mapping[str, Any] | str | os.PathLike, **overr
     Unknown keys (transformers bookkeeping such as ``architectures``, ``torch_dtype``) are dropped;
     ``overrides`` (e.g. ``dtype=jnp.bfloat16``, ``attention_impl="xla"``, ``hidden_layer=...``) win.
     """
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+    config = read_model_config(config)
     cfg = {k: config[k] for k in _CONFIG_FIELDS if k in config and config[k] is not None}
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(cfg.get(key), (list, tuple)):  # transformers allows a list of ids

@@ -12,7 +12,6 @@ Images are NHWC (transformers: NCHW) and already preprocessed: ``[B, S, S, 3]`` 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, NamedTuple
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from ldm_jax.models.clip_text import _ACTIVATIONS, CLIPEncoder, CLIPTextTransformer, clip_text_from_config
+from ldm_jax.models.config_file import read_model_config
 
 __all__ = [
     "CLIPOutput",
@@ -168,12 +168,7 @@ def clip_model_from_config(config: Mapping[str, Any] | str | os.PathLike, **over
     Missing fields take transformers' defaults; unknown ones are dropped. ``overrides`` (``dtype``,
     ``param_dtype``, ``attention_impl``) win.
     """
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+    config = read_model_config(config)
     if "text_config" not in config and "vision_config" not in config:
         raise ValueError("CLIP config has neither text_config nor vision_config: not a CLIPModel config.json "
                          f"(model_type={config.get('model_type')!r})")

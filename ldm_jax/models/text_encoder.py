@@ -7,25 +7,16 @@ the text encoder from a config goes through :func:`text_encoder_from_config`.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
 import flax.linen as nn
 
+from ldm_jax.models.config_file import read_model_config
+
 __all__ = ["LDMBERT", "is_ldmbert", "text_encoder_from_config", "context_width", "config_fields"]
 
 LDMBERT = "ldmbert"
-
-
-def _as_dict(config: Mapping[str, Any] | str | os.PathLike) -> dict:
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return dict(config)
 
 
 def is_ldmbert(config: Mapping[str, Any]) -> bool:
@@ -46,7 +37,7 @@ def config_fields(config: Mapping[str, Any]) -> tuple[str, ...]:
 def text_encoder_from_config(config: Mapping[str, Any] | str | os.PathLike, **overrides) -> nn.Module:
     """The module of a text-encoder config (mapping, ``config.json`` or its folder); bookkeeping keys are
     dropped, ``overrides`` (``dtype=...``, ``attention_impl=...``) win."""
-    cfg = _as_dict(config)
+    cfg = read_model_config(config)
     if is_ldmbert(cfg):
         from ldm_jax.models.ldm_bert import CONFIG_FIELDS, LDMBertModel
 
