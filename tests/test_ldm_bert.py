@@ -6,6 +6,7 @@ import pytest
 
 from ldm_jax.models.ldm_bert import LDMBertModel
 from ldm_jax.models.text_encoder import context_width, text_encoder_from_config
+from signals import SigtermAt
 
 TINY = dict(vocab_size=120, d_model=32, encoder_layers=2, encoder_ffn_dim=64, encoder_attention_heads=4, head_dim=12,
             max_position_embeddings=20)
@@ -72,32 +73,6 @@ def _flat(tree):
     return {jax.tree_util.keystr(k): np.asarray(jax.device_get(v)) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-class _SigtermAt:
-    """Batch source that sends this process SIGTERM when it yields global step ``at`` (the loop then saves and stops)."""
-
-    def __init__(self, inner, at):
-        self.inner, self.step, self.at = inner, 0, at
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        import os
-        import signal
-
-        if self.step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.step += 1
-        return next(self.inner)
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, s):
-        self.inner.set_state(s)
-        self.step += int(s["position"])
-
-
 @pytest.fixture(scope="module")
 def joint_run(tmp_path_factory):
     from ldm_jax.train import diffusion_task as D
@@ -134,7 +109,7 @@ def test_gradients_reach_the_text_encoder_and_resume_is_exact(joint_run, tmp_pat
 
     split = str(tmp_path / "split")
     c = _joint_config(prefetch=1)  # the signal is keyed to reading a batch: no read-ahead
-    src_fn = lambda config, stage, rows: _SigtermAt(D.make_batch_source(config, stage, rows), at=2)  # noqa: E731
+    src_fn = lambda config, stage, rows: SigtermAt(D.make_batch_source(config, stage, rows), at=2)  # noqa: E731
     first, h1 = D.train(c, split, batch_source_fn=src_fn)
     assert int(first.step) == 3  # the batch of step 2 was read with the signal: that step runs, then the save
     resumed, h2 = D.train(_joint_config(), split)

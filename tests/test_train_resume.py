@@ -24,6 +24,7 @@ from ldm_jax.config_utils import load_config
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import diffusion_task as D
 from ldm_jax.train import sharding
+from signals import SigtermAt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -124,29 +125,6 @@ def full_run(tmp_path_factory):
 # Exact resume across a stage change; restore onto another mesh
 
 
-class _SigtermAt:
-    """Batch source wrapper that sends this process SIGTERM when it yields batch ``at`` (global step)."""
-
-    def __init__(self, inner, first_step, at):
-        self.inner, self.step, self.at = inner, first_step, at
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.step in self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.step += 1
-        return next(self.inner)
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, s):
-        self.inner.set_state(s)
-        self.step += int(s["position"])
-
-
 def test_exact_resume_across_stage_change(full_run, tmp_path):
     full, full_hist = full_run
     c = _run_config(prefetch=1)  # the signals are keyed to reading a batch: no read-ahead
@@ -155,7 +133,7 @@ def test_exact_resume_across_stage_change(full_run, tmp_path):
 
     def source_fn(config, stage, rows):
         idx = [s.resolution for s in D.get_stages(config)].index(stage.resolution)
-        return _SigtermAt(D.make_batch_source(config, stage, rows), offsets[idx], at={0, 2})
+        return SigtermAt(D.make_batch_source(config, stage, rows), at={0, 2}, first_step=offsets[idx])
 
     work = str(tmp_path / "split")
     steps_seen, hist = [], []
