@@ -68,6 +68,40 @@ def test_diffusion_optimizer_follows_decay():
     assert moves[0] == 0.0 and moves[2] == pytest.approx(1e-2, rel=1e-3) and moves[6:].max() < 1e-9
 
 
+def test_text_encoder_learning_rate_scale():
+    """``train.text_encoder_lr_scale`` multiplies the jointly trained text encoder's steps (weight decay
+    included), not the UNet's; 1 leaves the optimizer state as it was (old checkpoints restore)."""
+    config = load_config("tiny_train")
+    config.train.update(dict(lr=1e-2, warmup_steps=0, weight_decay=0.1, train_text_encoder=True))
+    params = {"unet": {"w": jnp.full((3,), 2.0)}, "text_encoder": {"e": jnp.full((2,), 2.0)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def step(scale):
+        config.train.text_encoder_lr_scale = scale
+        tx, _ = make_optimizer(config)
+        return tx.update(grads, tx.init(params), params)
+
+    base, base_state = step(1.0)
+    scaled, scaled_state = step(4.0)
+    np.testing.assert_allclose(scaled["unet"]["w"], base["unet"]["w"], rtol=1e-6)
+    np.testing.assert_allclose(scaled["text_encoder"]["e"], 4.0 * base["text_encoder"]["e"], rtol=1e-6)
+    assert float(base["text_encoder"]["e"][0]) == pytest.approx(-1e-2 * (1 + 0.1 * 2.0), rel=1e-3)  # adam + decay
+    # a factor of 1 adds no state: the optimizer tree is the one checkpoints before the option hold
+    plain = optim.make_optimizer(1e-2, weight_decay=0.1)
+    assert jax.tree.structure(base_state) == jax.tree.structure(plain.init(params))
+
+
+@pytest.mark.parametrize("train", [dict(text_encoder_lr_scale=2.0),  # the text encoder is frozen
+                                   dict(text_encoder_lr_scale=0.0, train_text_encoder=True)])
+def test_text_encoder_learning_rate_scale_needs_a_trained_encoder(train):
+    from ldm_jax.train.diffusion_task import trainable
+
+    config = load_config("tiny_train")
+    config.train.update(train)
+    with pytest.raises(ValueError, match="text_encoder_lr_scale"):
+        trainable(config)
+
+
 def test_autoencoder_optimizers_follow_decay():
     config = load_config("tiny_autoencoder")
     config.optim.update(dict(base_learning_rate=1e-2, scale_lr=False, decay_steps=4))

@@ -48,6 +48,9 @@ def get_config():
         # with trainable="unet": the text encoder trains with the UNet (its params, EMA and AdamW state
         # beside the UNet's; LDM's jointly trained BERT, or fine-tuning CLIP as diffusers' --train_text_encoder)
         train_text_encoder=False,
+        # the trained text encoder's learning rate (and weight decay) relative to train.lr: an encoder
+        # learning from nothing beside the UNet (LDM's BERT) is slow to start
+        text_encoder_lr_scale=1.0,
     )
     c.lora = common.lora_config()
     c.textual_inversion = common.textual_inversion_config()

@@ -208,6 +208,11 @@ def trainable(config) -> str:
         raise ValueError(f"config.train.train_text_encoder trains the text encoder with the whole UNet "
                          f"(trainable='unet'), not with trainable={what!r}"
                          + (" (LoRA adapts the text encoder with config.lora.text_targets)" if what == "lora" else ""))
+    lr_scale = float(config.train.text_encoder_lr_scale)
+    trains_text = config.train.train_text_encoder if what == "unet" else what == "lora" and bool(config.lora.text_targets)
+    if lr_scale != 1.0 and not (lr_scale > 0 and trains_text):
+        raise ValueError(f"config.train.text_encoder_lr_scale={lr_scale:g} needs a trained text encoder "
+                         "(train.train_text_encoder, or LoRA with lora.text_targets) and a factor > 0")
     if what == "lora":
         rank = config.lora.rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -269,7 +274,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     ``config.train`` and its learning-rate schedule."""
     t = config.train
     tx = optim.make_optimizer(t.lr, t.warmup_steps, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay,
-                              grad_clip_norm=t.grad_clip_norm, decay_steps=t.decay_steps, mu_dtype=t.mu_dtype)
+                              grad_clip_norm=t.grad_clip_norm, decay_steps=t.decay_steps, mu_dtype=t.mu_dtype,
+                              group_lr_scales={"text_encoder": t.text_encoder_lr_scale})
     return tx, optim.learning_rate_schedule(t.lr, t.warmup_steps, t.decay_steps)
 
 

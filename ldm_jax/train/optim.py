@@ -1,13 +1,13 @@
 """Optimizer (AdamW + linear warm-up, optional cosine decay + global-norm clipping) and the LDM EMA."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["learning_rate_schedule", "make_optimizer", "ema_decay", "ema_update"]
+__all__ = ["learning_rate_schedule", "make_optimizer", "scale_groups", "ema_decay", "ema_update"]
 
 
 def learning_rate_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 0,
@@ -35,8 +35,13 @@ def learning_rate_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 
 
 def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, weight_decay: float = 1e-2, grad_clip_norm: float | None = 1.0,
-                   decay_steps: int = 0, mu_dtype: str | None = None) -> optax.GradientTransformation:
+                   decay_steps: int = 0, mu_dtype: str | None = None,
+                   group_lr_scales: Mapping[str, float] | None = None) -> optax.GradientTransformation:
     """``clip_by_global_norm(grad_clip_norm)`` then AdamW with :func:`learning_rate_schedule`.
+
+    ``group_lr_scales``: ``{top-level params key: factor}``, that group's learning rate (and so its
+    decoupled weight decay) times the factor, e.g. ``{"text_encoder": 4.0}`` for a text encoder trained
+    from scratch beside a UNet. Factors of 1 add nothing to the optimizer state.
 
     ``mu_dtype`` (e.g. ``"bfloat16"``): the first moment's dtype (optax's ``mu_dtype``; None or "": the
     parameters'); it halves that quarter of the training state. The second moment stays in the
@@ -48,7 +53,25 @@ def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.9, b2: float 
     chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     chain.append(optax.adamw(learning_rate_schedule(lr, warmup_steps, decay_steps), b1=b1, b2=b2, eps=eps,
                              weight_decay=weight_decay, mu_dtype=mu_dtype or None))
+    scales = {k: float(v) for k, v in (group_lr_scales or {}).items() if float(v) != 1.0}
+    if any(not v > 0 for v in scales.values()):
+        raise ValueError(f"learning-rate scales must be > 0, got {dict(group_lr_scales)}")
+    if scales:
+        chain.append(scale_groups(scales))
     return optax.chain(*chain)
+
+
+def scale_groups(scales: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of the named top-level groups of a params dict by their factor."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        missing = sorted(set(scales) - set(updates))
+        if missing:
+            raise ValueError(f"learning-rate scales for {missing}: no such parameter group (have {sorted(updates)})")
+        return {k: jax.tree.map(lambda u, f=scales.get(k, 1.0): u * f, v) for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def ema_decay(num_updates: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
