@@ -125,7 +125,8 @@ def diffusion_train_config(cfg, out_dir: str, data_dir: str, tokenizer_dir: str,
     t.init.vae, t.init.vae_scaling_factor = vae_workdir, float(scaling_factor)
     t.train.update(dict(seed=int(cfg.seed), lr=float(d.lr), warmup_steps=int(d.warmup_steps),
                         decay_steps=_decay_steps(d), min_snr_gamma=float(d.min_snr_gamma),
-                        text_dropout=float(d.text_dropout), compiler_options=compiler_options(d), log_every=25,
+                        text_dropout=float(d.text_dropout), text_encoder_lr_scale=float(d.text_encoder_lr_scale),
+                        compiler_options=compiler_options(d), log_every=25,
                         checkpoint_every=500, tensorboard=True))
     t.data.update(source="folder", path=data_dir, seed=int(cfg.seed) + 2)
     return t
