@@ -196,3 +196,47 @@ def test_the_text2face_recipes_build_and_name_their_vae():
     c.init.vae = "/nonexistent/autoencoder"
     with pytest.raises(ValueError, match=r"config.init.vae='/nonexistent/autoencoder'.*does not exist"):
         resolve_diffusion(c)
+
+
+def test_padding_left_out_of_the_cross_attention(tmp_path):
+    """``text_encoder.zero_padding`` zeroes the context at the padding (the other positions as without it);
+    a UNet with ``ignore_zero_context`` then gives the same output whatever zero vectors the context holds
+    (a prompt is not averaged with its padding), one without does not. The tiny_text2face networks."""
+    from ldm_jax.config_utils import load_config
+    from ldm_jax.train import diffusion_task as D
+
+    c = load_config("tiny_text2face")
+    models = D.build_models(c)
+    ids = jnp.asarray([[2, 17, 40, 9, 3] + [0] * 43, [2, 3] + [0] * 46], jnp.int32)  # [CLS] ... [SEP] [PAD]...
+    te = models.text_encoder
+    tp = te.init(jax.random.key(0), ids)
+    ctx = te.apply(tp, ids).context
+    plain = te.clone(zero_padding=False).apply(tp, ids).context
+    pad = np.asarray(ids == 0)
+    assert np.all(np.asarray(ctx)[pad] == 0) and np.all(np.abs(np.asarray(plain)[pad]).sum(-1) > 0)
+    np.testing.assert_array_equal(np.asarray(ctx)[~pad], np.asarray(plain)[~pad])
+
+    unet = models.unet
+    x, t = jax.random.normal(jax.random.key(1), (2, 8, 8, 4)), jnp.asarray([10, 500])
+    up = unet.init(jax.random.key(2), x, t, ctx)
+    short = ctx[:, :5]  # the first prompt's tokens (the second's padding is still zero)
+    np.testing.assert_allclose(unet.apply(up, x, t, ctx), unet.apply(up, x, t, short), atol=1e-5)
+    blind = unet.clone(ignore_zero_context=False)
+    assert float(jnp.abs(blind.apply(up, x, t, ctx) - blind.apply(up, x, t, short)).max()) > 1e-3
+
+
+def test_zero_padding_needs_the_tokenizers_pad_id_and_no_diffusers_export(tmp_path):
+    from ldm_jax.config_utils import load_config
+    from ldm_jax.convert.diffusers_folder import export_diffusers
+    from ldm_jax.tiny_tokenizer import write_tiny_bert_tokenizer
+    from ldm_jax.train import diffusion_task as D
+
+    c = load_config("tiny_text2face")
+    c.tokenizer = write_tiny_bert_tokenizer(str(tmp_path / "tok"), words=["red", "hair"])
+    D.check_zero_padding(c)  # [PAD] is 0, the encoder's pad_token_id
+    c.text_encoder.pad_token_id = 5
+    with pytest.raises(ValueError, match="pad_token_id=5 is not the tokenizer's padding id 0"):
+        D.check_zero_padding(c)
+    cfg = {"unet": dict(load_config("tiny_text2face").unet), "vae": {}, "text_encoder": {"model_type": "clip"}}
+    with pytest.raises(ValueError, match="ignore_zero_context"):
+        export_diffusers(({"unet": {}, "vae": {}, "text_encoder": {}}, cfg), str(tmp_path / "out"))

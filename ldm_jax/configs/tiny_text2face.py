@@ -15,10 +15,11 @@ def get_config():
     c.unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-                  cross_attention_dim=64, norm_num_groups=16, flip_sin_to_cos=True, freq_shift=0)
+                  cross_attention_dim=64, norm_num_groups=16, flip_sin_to_cos=True, freq_shift=0,
+                  ignore_zero_context=True)
     # 48 positions: the stand-in's captions are at most ~45 WordPiece tokens with [CLS] and [SEP]
     c.text_encoder = dict(model_type="ldmbert", vocab_size=256, d_model=64, encoder_layers=2, encoder_ffn_dim=256,
-                          encoder_attention_heads=4, head_dim=16, max_position_embeddings=48)
+                          encoder_attention_heads=4, head_dim=16, max_position_embeddings=48, zero_padding=True)
     c.tokenizer = None
     c.vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                  layers_per_block=1, norm_num_groups=16, sample_size=32, scaling_factor=1.0)

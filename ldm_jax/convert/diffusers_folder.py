@@ -329,6 +329,9 @@ def export_diffusers(model: LoadedModel | tuple[Mapping, Mapping], out_dir: str 
     if dict(config["text_encoder"]).get("model_type") == "ldmbert":
         raise ValueError("export_diffusers: this model conditions on LDM's BERT text encoder, which a diffusers "
                          "StableDiffusionPipeline folder cannot hold; sample it from its training workdir")
+    if dict(config["unet"]).get("ignore_zero_context"):
+        raise ValueError("export_diffusers: this UNet leaves all-zero context vectors out of its cross-attention "
+                         "(unet.ignore_zero_context), which diffusers' UNet2DConditionModel does not")
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
     version = _diffusers_version()

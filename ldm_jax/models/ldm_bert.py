@@ -30,7 +30,7 @@ _INIT = nn.initializers.normal(0.02)
 
 # Keys of a diffusers ``LDMBertConfig`` that configure the module (others are dropped).
 CONFIG_FIELDS = ("vocab_size", "d_model", "encoder_layers", "encoder_ffn_dim", "encoder_attention_heads", "head_dim",
-                 "max_position_embeddings", "activation_function", "pad_token_id")
+                 "max_position_embeddings", "activation_function", "pad_token_id", "zero_padding")
 
 
 class LDMBertOutput(NamedTuple):
@@ -118,6 +118,11 @@ class LDMBertModel(nn.Module):
     """``input_ids [B, L] int`` (L <= ``max_position_embeddings``) -> :class:`LDMBertOutput`.
 
     Defaults: diffusers' ``LDMBertConfig`` (LDM's 1.45B text-to-image model: 32 layers of width 1280).
+
+    ``zero_padding`` (not in diffusers; off there): the context is zero at the ``pad_token_id``
+    positions, which a UNet with ``ignore_zero_context`` then leaves out of its cross-attention, so a
+    prompt's few tokens are not averaged with dozens of padding vectors (a UNet and encoder learning
+    from nothing together pick up the prompt far sooner: docs/text2face.md).
     """
 
     vocab_size: int = 30522
@@ -129,6 +134,7 @@ class LDMBertModel(nn.Module):
     max_position_embeddings: int = 77
     activation_function: str = "gelu"
     pad_token_id: int = 0
+    zero_padding: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str = "auto"
@@ -154,4 +160,6 @@ class LDMBertModel(nn.Module):
                               self.encoder_attention_heads, self.head_dim, self.max_position_embeddings,
                               self.activation_function, self.dtype, self.param_dtype, self.attention_impl,
                               name="model")(input_ids)
+        if self.zero_padding:
+            last = jnp.where((input_ids == self.pad_token_id)[..., None], jnp.zeros((), last.dtype), last)
         return LDMBertOutput(last, last)

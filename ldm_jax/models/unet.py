@@ -84,6 +84,7 @@ class AttentionSpec:
     upcast: bool = False
     impl: str = "auto"
     chunk_size: int | None = None
+    ignore_zero_context: bool = False  # cross-attention: no weight on all-zero context vectors
 
 
 class Attention(nn.Module):
@@ -105,7 +106,10 @@ class Attention(nn.Module):
         q = dense(inner, "to_q", use_bias=False)(x)
         k = dense(inner, "to_k", use_bias=False)(context)
         v = dense(inner, "to_v", use_bias=False)(context)
-        out = dot_product_attention(split(q), split(k), split(v), impl=s.impl, upcast=s.upcast,
+        mask = None
+        if s.ignore_zero_context and context is not x:  # [B, 1, 1, S]: the context's non-zero vectors
+            mask = jnp.any(context != 0, axis=-1)[:, None, None, :]
+        out = dot_product_attention(split(q), split(k), split(v), mask=mask, impl=s.impl, upcast=s.upcast,
                                     chunk_size=s.chunk_size)
         return dense(c, "to_out_0")(out.reshape(b, l, inner))
 
@@ -204,13 +208,14 @@ class _LevelSpec:
     attention_impl: str
     attention_chunk_size: int | None
     remat: str | bool
+    ignore_zero_context: bool = False
 
     def attention(self) -> AttentionSpec:
         """The attention settings of the level's transformers (``heads`` heads over ``channels``)."""
         if self.channels % self.heads:
             raise ValueError(f"{self.channels} channels are not divisible by {self.heads} attention heads")
         return AttentionSpec(self.heads, self.channels // self.heads, self.upcast_attention, self.attention_impl,
-                             self.attention_chunk_size)
+                             self.attention_chunk_size, self.ignore_zero_context)
 
 
 class _Block(nn.Module):
@@ -316,6 +321,11 @@ class UNet2DConditionModel(nn.Module):
     output then has ``k * B`` rows, the same as feeding each sample ``k`` times, but the layers
     before the first cross-attention (``conv_in``, the first resnet, the first self-attention) run
     once per sample. Those are the costliest at the highest resolution.
+
+    ``ignore_zero_context`` (not in diffusers; off there): the cross-attention gives no weight to
+    context vectors that are all zeros, the padding positions of a text encoder with ``zero_padding``
+    (:class:`~ldm_jax.models.ldm_bert.LDMBertModel`). The mask travels in the context itself, so
+    every caller (training, the samplers, cached text contexts, guidance's stacked contexts) keeps it.
     """
 
     sample_size: int | None = None
@@ -341,6 +351,7 @@ class UNet2DConditionModel(nn.Module):
     attention_impl: str = "auto"
     attention_chunk_size: int | None = None
     remat: str | bool = False
+    ignore_zero_context: bool = False
 
     def _check(self) -> None:
         n = len(self.block_out_channels)
@@ -408,6 +419,7 @@ class UNet2DConditionModel(nn.Module):
                 attention_impl=self.attention_impl,
                 attention_chunk_size=self.attention_chunk_size,
                 remat=self.remat,
+                ignore_zero_context=self.ignore_zero_context,
             )
             return dict(spec=spec, dtype=dt, param_dtype=pdt)
 

@@ -232,6 +232,18 @@ def trainable(config) -> str:
     return what
 
 
+def check_zero_padding(config) -> None:
+    """With ``text_encoder.zero_padding`` the encoder zeroes its ``pad_token_id`` positions: that id
+    must be the tokenizer's padding, or the prompt's padding stays in the UNet's cross-attention."""
+    te = dict(config.text_encoder)
+    if not te.get("zero_padding") or not config.tokenizer:
+        return
+    pad = prompt_tokenizer(config).pad_token_id
+    if int(te.get("pad_token_id", 0)) != pad:
+        raise ValueError(f"config.text_encoder.pad_token_id={te.get('pad_token_id', 0)} is not the tokenizer's "
+                         f"padding id {pad}: set it to {pad} (text_encoder.zero_padding zeroes those positions)")
+
+
 def _lora_scale(config) -> float:
     return float(config.lora.alpha) / int(config.lora.rank)
 
@@ -661,6 +673,7 @@ class DiffusionTask(loop.Task):
             self.config = self._pretrained.config
             self.frozen = self._pretrained.frozen
         check_cached_latents(self.config)
+        check_zero_padding(self.config)
         what = trainable(self.config)
         if what != "unet":
             p = self._pretrained
