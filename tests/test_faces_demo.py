@@ -2,7 +2,7 @@
 MM-CelebA-HQ's layout with ten captions an image -> autoencoder workdir -> diffusion with LDM's BERT
 trained jointly, the VAE read through ``init.vae`` -> the workdir sampled by ``load_pipeline``) runs end
 to end, its loss falls and every figure is written. How well the full-size run follows its prompts:
-docs/text2face.md (a 16 px run of 500 diffusion steps did not yet: hair at chance)."""
+docs/text2face.md (a tiny run needs >= 1000 diffusion steps before it follows any attribute)."""
 import json
 import os
 
