@@ -135,14 +135,14 @@ def test_bad_lora_settings_are_clear_errors(folder, tmp_path):
 def test_a_lora_run_stopped_by_sigterm_resumes_bit_identical(run, folder, tmp_path):
     """The fixture's run (text adapters, adapter dropout), stopped after step 3 and resumed: the same
     adapters, EMA and optimizer state, bit for bit."""
-    from test_train_resume import _SigtermAt
+    from signals import SigtermAt
 
     _, _, full, full_hist = run
     c = _config(folder, text_targets=L.TEXT_ATTENTION, dropout=0.1)
     c.train.prefetch = 1  # the signal is keyed to reading a batch: no read-ahead
 
     def source_fn(config, stage, rows):
-        return _SigtermAt(D.make_batch_source(config, stage, rows), 0, at={2})
+        return SigtermAt(D.make_batch_source(config, stage, rows), at={2})
 
     work = str(tmp_path / "split")
     first = D.train(c, work, devices=jax.devices()[:4], batch_source_fn=source_fn)
