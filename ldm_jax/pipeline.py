@@ -33,7 +33,7 @@ from ldm_jax.diffusion.sampling import denoise, guided, per_row_keys, row_normal
 from ldm_jax.models.attention import on_mesh
 from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.autoencoder import AutoencoderKL, vae_from_config
-from ldm_jax.models.text_encoder import text_encoder_from_config
+from ldm_jax.models.text_encoder import check_padding, text_encoder_from_config
 from ldm_jax.models.tokenizer import PromptTokenizer
 from ldm_jax.models.unet import unet_from_config
 from ldm_jax.prompt_expansion import PromptExpander
@@ -245,6 +245,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder's embedding "
                              f"table {self.text_encoder.vocab_size} rows: its higher ids would embed as NaN (the "
                              f"tokenizer of another model?)")
+        check_padding(self.text_encoder, tokenizer)
         self.scaling_factor = float(dict(config.vae).get("scaling_factor", 0.18215))
         self.vae_scale = 2 ** (len(tuple(config.vae["block_out_channels"])) - 1)
         self.latent_channels = int(dict(config.vae).get("latent_channels", 4))

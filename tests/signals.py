@@ -6,10 +6,11 @@ import signal
 class SigtermAt:
     """Wraps a batch source; sends this process SIGTERM when it yields the batch of a global step in
     ``at`` (an int or a set; the loop then runs that step, saves and stops). ``first_step``: the global
-    step of the source's first batch (a later stage's source starts there)."""
+    step of the source's first batch (a later stage's source starts there). ``global_steps=False``:
+    ``at`` counts the batches this source has read instead (a resumed position does not count)."""
 
-    def __init__(self, inner, at, first_step: int = 0):
-        self.inner, self.step = inner, first_step
+    def __init__(self, inner, at, first_step: int = 0, global_steps: bool = True):
+        self.inner, self.step, self.global_steps = inner, first_step, global_steps
         self.at = {at} if isinstance(at, int) else set(at)
 
     def __iter__(self):
@@ -26,4 +27,5 @@ class SigtermAt:
 
     def set_state(self, s):
         self.inner.set_state(s)
-        self.step += int(s["position"])
+        if self.global_steps:
+            self.step += int(s["position"])

@@ -237,6 +237,11 @@ def test_zero_padding_needs_the_tokenizers_pad_id_and_no_diffusers_export(tmp_pa
     c.text_encoder.pad_token_id = 5
     with pytest.raises(ValueError, match="pad_token_id=5 is not the tokenizer's padding id 0"):
         D.check_zero_padding(c)
+    from ldm_jax.models.tokenizer import PromptTokenizer
+    from ldm_jax.pipeline import StableDiffusionPipeline
+
+    with pytest.raises(ValueError, match="pad_token_id=5 is not the tokenizer's padding id 0"):  # sampling too
+        StableDiffusionPipeline(c, {}, PromptTokenizer.from_pretrained(c.tokenizer))
     cfg = {"unet": dict(load_config("tiny_text2face").unet), "vae": {}, "text_encoder": {"model_type": "clip"}}
     with pytest.raises(ValueError, match="ignore_zero_context"):
         export_diffusers(({"unet": {}, "vae": {}, "text_encoder": {}}, cfg), str(tmp_path / "out"))

@@ -28,6 +28,7 @@ from ldm_jax.convert import WeightsError, load_model, load_state_dict
 from ldm_jax.train import diffusion_task as D
 from ldm_jax.train import sharding
 from ldm_jax.train.workdir import checkpoint_steps, restore_unet_params
+from signals import SigtermAt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = "--config.train.compiler_options={'xla_backend_optimization_level': 0}"
@@ -265,28 +266,6 @@ def test_tar_shards_in_the_bucket_read_as_the_local_ones(gcs, tmp_path):
         TarShardSource(f"{gcs}/tar-read/nothing-*.tar")
 
 
-class _SigtermAt:
-    """Batch source that sends this process SIGTERM when it yields its ``at``-th batch."""
-
-    def __init__(self, inner, at):
-        self.inner, self.n, self.at = inner, 0, at
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.n == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.n += 1
-        return next(self.inner)
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, s):
-        self.inner.set_state(s)
-
-
 def test_progressive_stages_from_an_image_folder_resume_exactly(folder, tmp_path):
     """32 px then 64 px from a folder of captioned images (tokenized with the pretrained tokenizer,
     encoded online by the frozen VAE), stopped by SIGTERM within each stage and at the stage change and
@@ -302,7 +281,7 @@ def test_progressive_stages_from_an_image_folder_resume_exactly(folder, tmp_path
     assert int(full.step) == 6 and int(full.stage) == 1
 
     def stop_after(fetches):  # SIGTERM at the run's `fetches`-th batch read (the loop reads 2 ahead)
-        return lambda config, stage, rows: _SigtermAt(D.make_batch_source(config, stage, rows), at=fetches)
+        return lambda config, stage, rows: SigtermAt(D.make_batch_source(config, stage, rows), at=fetches, global_steps=False)
 
     work, hist, steps = str(tmp_path / "split"), [], []
     for fetches in (0, 2, 0, None):  # stop mid-stage 0, at the stage boundary, in stage 1; then finish

@@ -14,7 +14,8 @@ import flax.linen as nn
 
 from ldm_jax.models.config_file import read_model_config
 
-__all__ = ["LDMBERT", "is_ldmbert", "text_encoder_from_config", "context_width", "config_fields"]
+__all__ = ["LDMBERT", "is_ldmbert", "text_encoder_from_config", "context_width", "context_width_key",
+           "check_padding", "config_fields"]
 
 LDMBERT = "ldmbert"
 
@@ -49,7 +50,22 @@ def text_encoder_from_config(config: Mapping[str, Any] | str | os.PathLike, **ov
     return clip_text_from_config(cfg, **overrides)
 
 
+def context_width_key(config: Mapping[str, Any]) -> str:
+    """The config key of the context's width: CLIP's ``hidden_size``, LDMBert's ``d_model``."""
+    return "d_model" if is_ldmbert(config) else "hidden_size"
+
+
 def context_width(config: Mapping[str, Any]) -> int:
-    """The width of the context the text encoder gives the UNet (CLIP's ``hidden_size``, LDMBert's ``d_model``)."""
-    cfg = dict(config)
-    return int(cfg["d_model"] if is_ldmbert(cfg) else cfg["hidden_size"])
+    """The width of the context the text encoder gives the UNet (``config[context_width_key(config)]``)."""
+    return int(dict(config)[context_width_key(config)])
+
+
+def check_padding(encoder: nn.Module, tokenizer) -> None:
+    """An encoder that zeroes its padding (LDMBert's ``zero_padding``) must know the tokenizer's padding
+    id, or a prompt's padding stays in the UNet's cross-attention: ValueError otherwise."""
+    if tokenizer is None or not getattr(encoder, "zero_padding", False):
+        return
+    if int(encoder.pad_token_id) != int(tokenizer.pad_token_id):
+        raise ValueError(f"config.text_encoder.pad_token_id={encoder.pad_token_id} is not the tokenizer's padding "
+                         f"id {tokenizer.pad_token_id}: set it to {tokenizer.pad_token_id} (text_encoder.zero_padding "
+                         "zeroes those positions)")

@@ -46,7 +46,7 @@ from ldm_jax.diffusion.sampling import denoise, guided
 from ldm_jax.diffusion.schedules import NoiseSchedule, add_noise, make_schedule, min_snr_weights, training_target
 from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_jax.models import lora as lora_lib
-from ldm_jax.models.text_encoder import context_width, text_encoder_from_config
+from ldm_jax.models.text_encoder import check_padding, context_width, text_encoder_from_config
 from ldm_jax.models.remat import policy_name
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.train import loop, optim
@@ -233,15 +233,10 @@ def trainable(config) -> str:
 
 
 def check_zero_padding(config) -> None:
-    """With ``text_encoder.zero_padding`` the encoder zeroes its ``pad_token_id`` positions: that id
-    must be the tokenizer's padding, or the prompt's padding stays in the UNet's cross-attention."""
-    te = dict(config.text_encoder)
-    if not te.get("zero_padding") or not config.tokenizer:
-        return
-    pad = prompt_tokenizer(config).pad_token_id
-    if int(te.get("pad_token_id", 0)) != pad:
-        raise ValueError(f"config.text_encoder.pad_token_id={te.get('pad_token_id', 0)} is not the tokenizer's "
-                         f"padding id {pad}: set it to {pad} (text_encoder.zero_padding zeroes those positions)")
+    """:func:`~ldm_jax.models.text_encoder.check_padding` of the run's text encoder and tokenizer (read
+    only when the encoder zeroes its padding)."""
+    if dict(config.text_encoder).get("zero_padding"):
+        check_padding(text_encoder_from_config(dict(config.text_encoder)), prompt_tokenizer(config))
 
 
 def _lora_scale(config) -> float:

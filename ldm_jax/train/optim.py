@@ -69,7 +69,8 @@ def scale_groups(scales: Mapping[str, float]) -> optax.GradientTransformation:
         missing = sorted(set(scales) - set(updates))
         if missing:
             raise ValueError(f"learning-rate scales for {missing}: no such parameter group (have {sorted(updates)})")
-        return {k: jax.tree.map(lambda u, f=scales.get(k, 1.0): u * f, v) for k, v in updates.items()}, state
+        return {k: jax.tree.map(lambda u, f=scales[k]: u * f, v) if k in scales else v
+                for k, v in updates.items()}, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 

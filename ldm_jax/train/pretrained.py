@@ -47,10 +47,10 @@ def _load(init) -> Any:
 def check_compatible(config) -> None:
     """The UNet must read the text encoder's conditioning and the VAE's latents: ValueError naming the
     keys otherwise."""
-    from ldm_jax.models.text_encoder import context_width, is_ldmbert
+    from ldm_jax.models.text_encoder import context_width, context_width_key
 
     width = context_width(config.text_encoder)
-    key = "d_model" if is_ldmbert(config.text_encoder) else "hidden_size"
+    key = context_width_key(config.text_encoder)
     cross = config.unet.get("cross_attention_dim", 1280)
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     if int(cross) != width:

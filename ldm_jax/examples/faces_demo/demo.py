@@ -150,6 +150,8 @@ def evaluate(pipe, reader, cfg, data_dir: str, out_dir: str) -> dict:
     faces, naming the hair and the present attributes as the captions do: seen = training combinations,
     held-out = combinations never trained on) per guidance; with ``eval.negated_prompts`` also of the
     same faces asked for with their absent attributes stated (at the highest guidance), a diagnostic."""
+    from PIL import Image
+
     from ldm_jax.data import faces
     from ldm_jax.pipeline import make_grid
 
@@ -168,7 +170,7 @@ def evaluate(pipe, reader, cfg, data_dir: str, out_dir: str) -> dict:
             images = sample(pipe, cfg, prompts, float(g), int(cfg.seed), int(e.batch_size))
             acc[name][str(g)] = {k: float(v) for k, v in reader.accuracy(images, attrs).items()}
             n = int(cfg.sample.num_prompts)
-            make_grid([_pil(im).resize((64, 64)) for im in images[:n]], cols=n).save(
+            make_grid([Image.fromarray(im).resize((64, 64)) for im in images[:n]], cols=n).save(
                 os.path.join(out_dir, f"samples_{name}_g{g}.png"))
         if e.negated_prompts:  # the same faces asked for with every absent attribute stated ("no hat")
             images = sample(pipe, cfg, [faces.prompt_for(a, negations=True) for a in attrs], float(top),
@@ -198,12 +200,6 @@ def judge_bar(acc: dict, guidance_scales, targets, num_prompts: int) -> dict:
                                    f"({low_mean:.3f})")
     bar["passed"] = not bar["failures"]
     return bar
-
-
-def _pil(image: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(image)
 
 
 def run_faces_demo(out_dir: str = "demo_faces_out", config_path: str | None = None, overrides=(),
