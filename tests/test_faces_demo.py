@@ -43,14 +43,16 @@ def test_faces_demo_end_to_end_tiny(faces_demo):
 
 
 def test_faces_demo_workdirs_are_the_recipe_path(faces_demo):
-    """The diffusion workdir trained its LDMBert (no frozen text encoder) and read the autoencoder's
-    workdir as its VAE."""
+    """The diffusion workdir trained its LDMBert (no frozen text encoder; at the demo's quarter learning
+    rate) and read the autoencoder's workdir as its VAE."""
+    from ldm_jax.examples.faces_demo.config import get_config
     from ldm_jax.train.workdir import load_autoencoder_workdir
 
     out, metrics = faces_demo
     cfg = json.load(open(os.path.join(out, "diffusion", "config.json")))
     assert cfg["init"]["vae"] == os.path.join(out, "autoencoder_decoder")  # the decoder fine-tune's, when it runs
     assert cfg["train"]["train_text_encoder"] and cfg["text_encoder"]["model_type"] == "ldmbert"
+    assert cfg["train"]["text_encoder_lr_scale"] == get_config().diffusion.text_encoder_lr_scale == 0.25
     assert not os.path.exists(os.path.join(out, "diffusion", "frozen", "text_encoder.safetensors"))
     vae_cfg, _, step = load_autoencoder_workdir(os.path.join(out, "autoencoder"))
     assert load_autoencoder_workdir(os.path.join(out, "autoencoder_decoder"))[2] == 20
