@@ -281,7 +281,8 @@ def test_progressive_stages_from_an_image_folder_resume_exactly(folder, tmp_path
     assert int(full.step) == 6 and int(full.stage) == 1
 
     def stop_after(fetches):  # SIGTERM at the run's `fetches`-th batch read (the loop reads 2 ahead)
-        return lambda config, stage, rows: SigtermAt(D.make_batch_source(config, stage, rows), at=fetches, global_steps=False)
+        return lambda config, stage, rows: SigtermAt(D.make_batch_source(config, stage, rows), at=fetches,
+                                                     global_steps=False)
 
     work, hist, steps = str(tmp_path / "split"), [], []
     for fetches in (0, 2, 0, None):  # stop mid-stage 0, at the stage boundary, in stage 1; then finish
