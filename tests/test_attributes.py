@@ -10,8 +10,12 @@ from ldm_jax.examples.shapes_demo.attributes import (AttributeClassifier, attrib
 @pytest.fixture(scope="module")
 def classifier():
     # A short run at the demo's shape size (the demo trains 1500 steps: shape 0.96, colour 0.99,
-    # position 1.0 on validation real images).
-    return train_attribute_classifier(32, seed=0, num_images=3000, steps=600, shape_scale=SCALE, progress=False)
+    # position 1.0 on validation real images), with the demo's XLA:CPU options for it (~1.4x faster here)
+    from ldm_jax.examples.shapes_demo.config import get_config
+    from ldm_jax.runtime import ynn_options
+
+    return train_attribute_classifier(32, seed=0, num_images=3000, steps=600, shape_scale=SCALE, progress=False,
+                                      compiler_options=ynn_options(get_config().eval.ynn_fusions))
 
 
 SCALE = 1.15  # the shapes demo's data.shape_scale
