@@ -73,10 +73,10 @@ def gcs():
 # `make test`'s workers (pytest-xdist, a file per worker, `--no-loadscope-reorder`) files start in
 # collection order, so the long ones start first and the short ones fill the gaps at the end instead of
 # one long file running alone.
-LONG_FILES_FIRST = ("test_pod_path.py", "test_demo.py", "test_autoencoder_task.py", "test_faults.py",
-                    "test_train_diffusion.py", "test_plan.py", "test_train_resume.py", "test_lora_train.py",
-                    "test_text_pretrain.py", "test_textual_inversion.py", "test_dreambooth.py", "test_attributes.py",
-                    "test_encode_dataset.py", "test_unet.py", "test_lora.py", "test_notebooks.py")
+LONG_FILES_FIRST = ("test_pod_path.py", "test_demo.py", "test_faces_demo.py", "test_autoencoder_task.py",
+                    "test_faults.py", "test_train_diffusion.py", "test_plan.py", "test_train_resume.py",
+                    "test_lora_train.py", "test_text_pretrain.py", "test_textual_inversion.py", "test_dreambooth.py",
+                    "test_attributes.py", "test_encode_dataset.py", "test_unet.py", "test_lora.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(items):
