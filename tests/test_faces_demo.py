@@ -11,10 +11,10 @@ import os
 import pytest
 
 # 32 px faces (8x8 latents) and the recipe's networks, the smallest run measured to follow a prompt
-# (docs/text2face.md, "How soon a short run follows its prompts"): 800 diffusion steps with the encoder at the
-# demo's quarter rate, on a 300-step first stage without latent noise (which keeps the hair colour in ~0.95 of
-# its reconstructions; the demo's latent noise needs ~2000 steps to). Guidance 5: a model this young follows
-# its prompts more at 5 than at 3 (hair 0.55 / 0.62 at 3, 0.67 / 0.78 at 5, seen / held-out, in one run).
+# (docs/text2face.md, "The in-suite check"): 800 diffusion steps with the encoder at the demo's quarter rate,
+# on a 300-step first stage without latent noise, which keeps the hair colour in ~0.95 of its reconstructions
+# (with the demo's latent noise a first stage needs ~600 steps for that). Guidance 5: a model this young
+# follows its prompts more at 5 than at 3 (hair 0.55 / 0.62 at 3, 0.67 / 0.78 at 5, seen / held-out, one run).
 OVERRIDES = ["--config.data.num_train=1000", "--config.data.num_heldout=64",
              "--config.autoencoder.steps=300", "--config.autoencoder.decoder_steps=20",
              "--config.autoencoder.latent_noise=0.0", "--config.autoencoder.lr=3e-3",
